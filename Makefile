@@ -1,0 +1,19 @@
+# The two commands of the README. Both set up .venv first (scripts/setup.sh, idempotent).
+export HF_HUB_OFFLINE ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+.PHONY: setup run test
+
+setup:
+	@bash scripts/setup.sh
+
+# The main job on embedded defaults: DVC data preparation -> Optuna search -> final training ->
+# evaluation -> MLflow registration, LAMA on SmolLM2-135M with a small budget (params/flow.yaml).
+run: setup
+	python -m flows.run lama
+
+test: setup
+	python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

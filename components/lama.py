@@ -1,0 +1,206 @@
+"""LAMA knowledge probing (paper Table 2): per relation, predict the object of (subject, relation, ?).
+
+Methods: `manual` (the relation's manual prompt, frozen LM, zero-shot), `ptuning` (continuous prompt,
+frozen LM, only the prompt encoder learns), `finetune` (subject only, LM trained) and `manual-finetune`
+(manual prompt, LM trained). P@1 is restricted to the benchmark vocabulary (29k or 34k) and averaged over
+relations. Facts whose answer is not a single token of the probed model's vocabulary cannot be scored
+by P@1; they are dropped and counted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from components.model import PromptedLM, PromptEncoder, export_prompt
+from components.sources import DataError, read_jsonl
+from components.templates import Encoded, collate, encode, lama_template, parse_template
+from components.training import Callback, TrainConfig, fit, seed_everything
+
+log = logging.getLogger(__name__)
+METHODS = ("manual", "ptuning", "finetune", "manual-finetune")
+VOCABS = ("29k", "34k")
+
+
+@dataclass
+class Fact:
+    encoded: Encoded
+    label: int  # index into the candidate ids
+
+
+@dataclass
+class RelationResult:
+    relation: str
+    test_p1: float
+    dev_p1: float | None
+    n_train: int
+    n_test: int
+    dropped: dict
+    steps: int
+    prompt_dir: Path | None = None
+    history: list = field(default_factory=list)
+
+
+def relation_ids(data_dir: str | Path, vocab: str) -> list[str]:
+    root = Path(data_dir) / vocab
+    if not root.is_dir():
+        raise DataError(f"{root} does not exist: run `dvc repro prepare_lama` (or `ptuning prepare lama`) first")
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def _manual_templates(data_dir: Path) -> dict[str, str]:
+    rows = read_jsonl(data_dir / "relations.jsonl", required=("relation", "template"))
+    return {r["relation"]: r["template"].replace("[X]", "{sub}") for r in rows}
+
+
+def template_for(method: str, relation: str, causal: bool, params: dict, data_dir: Path) -> str:
+    if params.get("template"):
+        return params["template"]
+    if method == "ptuning":
+        return lama_template(params["prompt_shape"], causal)
+    if method == "finetune":
+        return "{sub} [Y]"
+    manual = _manual_templates(data_dir)
+    if relation not in manual:
+        raise DataError(f"relation {relation} has no manual prompt in {data_dir / 'relations.jsonl'}")
+    return manual[relation]
+
+
+def candidate_vocabulary(words: list[str], tokenizer) -> tuple[list[str], list[int]]:
+    """The benchmark words that are one token of this model (after a space, as they follow the prompt)."""
+    kept_words, ids = [], []
+    for word in words:
+        pieces = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(pieces) == 1:
+            kept_words.append(word)
+            ids.append(pieces[0])
+    return kept_words, ids
+
+
+def validate(params: dict) -> TrainConfig:
+    """Everything that can be checked before a model is loaded."""
+    if params["method"] not in METHODS:
+        raise ValueError(f"unknown LAMA method {params['method']!r}; choose one of {METHODS}")
+    if params["vocab"] not in VOCABS:
+        raise ValueError(f"unknown LAMA vocabulary {params['vocab']!r}; choose one of {VOCABS}")
+    if params.get("template"):
+        parse_template(params["template"], fields=("sub",))
+    return TrainConfig.from_dict(params["train"])
+
+
+def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(**batch)[:, 0]  # [B, C]: one target token
+    return nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+
+@torch.no_grad()
+def precision_at_1(model: nn.Module, facts: list[Fact], candidate_ids: torch.Tensor, pad_id: int, batch_size: int) -> float:
+    if not facts:
+        return math.nan
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for start in range(0, len(facts), batch_size):
+        chunk = facts[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([f.encoded for f in chunk], pad_id).items()}
+        predicted = model(**batch, candidate_ids=candidate_ids.to(device))[:, 0].argmax(-1).cpu()
+        hits += (predicted == torch.tensor([f.label for f in chunk])).sum().item()
+    model.train(was_training)
+    return hits / len(facts)
+
+
+def run_relation(relation: str, lm, params: dict, output_dir: Path, callbacks: list[Callback] = ()) -> RelationResult:
+    """Train (unless `manual`) and evaluate one relation; export the prompt when there is one."""
+    config = validate(params)
+    data_dir, method = Path(params["data_dir"]), params["method"]
+    split_dir = data_dir / params["vocab"] / relation
+    if not split_dir.is_dir():
+        raise DataError(f"unknown relation {relation!r}: no {split_dir} (known: {', '.join(relation_ids(data_dir, params['vocab']))})")
+    template = parse_template(template_for(method, relation, lm.causal, params, data_dir), fields=("sub",))
+    vocab_words = json.loads((data_dir / params["vocab"] / "vocab.json").read_text())
+    words, ids = candidate_vocabulary(vocab_words, lm.tokenizer)
+    index = {w: i for i, w in enumerate(words)}
+    candidate_ids = torch.tensor(ids)
+
+    dropped = {}
+    splits = {}
+    for split in ("train", "dev", "test"):
+        path = split_dir / f"{split}.jsonl"
+        rows = read_jsonl(path, required=("sub_label", "obj_label")) if path.exists() else []
+        facts = [Fact(encode(template, lm.tokenizer, {"sub": r["sub_label"]}, lm.causal,
+                             target_ids=[ids[index[r["obj_label"]]]], max_length=params["max_length"], truncate="sub"),
+                      index[r["obj_label"]]) for r in rows if r["obj_label"] in index]
+        dropped[split] = len(rows) - len(facts)
+        splits[split] = facts
+    if not splits["test"]:
+        raise DataError(f"relation {relation}: no test facts with a single-token answer for {params['model']}")
+
+    seed_everything(config.seed)
+    prompt = (PromptEncoder(template.n_prompt_tokens, lm.model.get_input_embeddings().embedding_dim, params["encoder"])
+              if template.n_prompt_tokens else None)
+    model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=method in ("manual", "ptuning"))
+    pad_id, eval_bs = lm.tokenizer.pad_token_id, params["eval_batch_size"]
+    evaluate = lambda m: {"dev_p1": precision_at_1(m, splits["dev"], candidate_ids, pad_id, eval_bs)}
+
+    steps, history = 0, []
+    if method != "manual":
+        if not splits["train"] or not splits["dev"]:
+            raise DataError(f"relation {relation}: training needs train and dev facts, found {len(splits['train'])} / {len(splits['dev'])}")
+        items = [{"encoded": f.encoded, "label": f.label} for f in splits["train"]]
+
+        def batch_of(chunk):
+            batch = collate([c["encoded"] for c in chunk], pad_id)
+            return {**batch, "labels": torch.tensor([c["label"] for c in chunk]), "candidate_ids": candidate_ids}
+
+        result = fit(model, items, [len(i["encoded"].input_ids) for i in items], batch_of, _loss, evaluate, config,
+                     select=("dev_p1",), callbacks=callbacks, checkpoint_dir=output_dir / "checkpoint")
+        steps, history = result.steps, result.history
+    dev_p1 = evaluate(model)["dev_p1"] if splits["dev"] else None
+    test_p1 = precision_at_1(model, splits["test"], candidate_ids, pad_id, eval_bs)
+    prompt_dir = output_dir / "prompt" if prompt is not None else None
+    if prompt is not None:
+        export_prompt(prompt, prompt_dir, template.text, params["model"],
+                      {"benchmark": "lama", "task": relation, "vocab": params["vocab"], "causal": lm.causal})
+    log.info("%s %s: test P@1 %.4f (dev %s) after %d steps", relation, method, test_p1, dev_p1, steps)
+    return RelationResult(relation, test_p1, dev_p1, len(splits["train"]), len(splits["test"]), dropped, steps, prompt_dir, history)
+
+
+def run(params: dict, output_dir: str | Path, callbacks: list[Callback] = ()) -> dict:
+    """`params` as in params/lama.yaml; `params['task']` is a relation id, a comma list or `all`.
+    Writes `<output_dir>/metrics.json` and returns it: per-relation P@1 and their macro average."""
+    from components.catalog import load_lm
+
+    validate(params)
+    data_dir = Path(params["data_dir"])
+    known = relation_ids(data_dir, params["vocab"])
+    task = str(params["task"])
+    relations = known if task == "all" else [t.strip() for t in task.split(",")]
+    unknown = [r for r in relations if r not in known]
+    if unknown:
+        raise ValueError(f"unknown LAMA relation(s) {unknown}; known: {', '.join(known)}")
+    lm = load_lm(params["model"])
+    output_dir = Path(output_dir)
+    results = []
+    for i, relation in enumerate(relations):
+        if i and params["method"].endswith("finetune"):  # every relation starts from the pretrained LM
+            lm = load_lm(params["model"])
+        results.append(run_relation(relation, lm, params, output_dir / relation if len(relations) > 1 else output_dir, callbacks))
+    metrics = {
+        "benchmark": "lama", "model": params["model"], "method": params["method"], "vocab": params["vocab"],
+        "p1": sum(r.test_p1 for r in results) / len(results),
+        # the model-selection score (dev, never test) that search maximises
+        "dev_score": sum(r.dev_p1 or 0.0 for r in results) / len(results),
+        "prompts": {r.relation: str(r.prompt_dir) for r in results if r.prompt_dir},
+        "relations": {r.relation: {"test_p1": r.test_p1, "dev_p1": r.dev_p1, "n_train": r.n_train, "n_test": r.n_test,
+                                   "dropped": r.dropped, "steps": r.steps} for r in results},
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / "history.json").write_text(json.dumps({r.relation: r.history for r in results}, indent=2))
+    return metrics

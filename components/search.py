@@ -1,0 +1,456 @@
+"""Hyper-parameter search with Optuna: the paper's grid (lr x batch size) by default, TPE or random on
+request, median pruning of trials whose dev score lags, and one study shared by any number of workers.
+
+A study lives in a storage: `sqlite:///optuna.db` by default (one machine), any database URL
+(`postgresql://user@host/db`) for several workers on several machines. Every worker calls
+`open_study` + `run_search` with the same study name; with the grid sampler every grid point runs
+exactly once across all of them:
+
+* a new trial takes the grid point of its rank among the study's trials (re-queued ones left out);
+  the storage creates trials one at a time under a lock and numbers them, so two workers never get
+  the same point (Optuna's own GridSampler picks at random among unfinished points and can repeat one);
+* a worker stops asking for trials once every grid point is taken; a trial created in the race at the
+  very end (rank >= grid size) is closed at once as PRUNED with user attribute `skipped`, untrained;
+* a worker killed mid-trial stops its heartbeat: after `grace` seconds its trial is failed and re-queued
+  (same grid point, user attribute `retry_of`) for whichever worker asks next (`linger=True` keeps a
+  worker waiting for such re-queues while other workers' trials run).
+
+Nothing here knows MLflow or Prefect: the caller's `run_trial` trains (and tracks) one configuration.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+import warnings
+import weakref
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from components.params import apply_overrides
+from components.training import Callback
+
+log = logging.getLogger(__name__)
+
+PAPER_GRID = {"train.lr": [1e-5, 2e-5, 3e-5], "train.batch_size": [16, 32]}
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+SAMPLERS = ("grid", "tpe", "random")
+PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "none")
+SKIPPED = "skipped"  # user attribute of a trial closed without training
+
+_SPACES: "weakref.WeakKeyDictionary[optuna.Study, dict]" = weakref.WeakKeyDictionary()
+
+
+class StorageUnreachable(RuntimeError):
+    """The study's storage cannot be opened: raised before any training starts."""
+
+
+# --- the search space -----------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _scalar(key: str, value):
+    if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads `1e-5` as a string
+        number = float(value)
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"search space {key!r}: {value!r} is not a number, string, boolean or null")
+
+
+def grid_space(params_search: dict | None) -> dict[str, list]:
+    """The search space `{dotted.param: [values]}` from params/search.yaml's `space` (the paper's
+    grid, 3 learning rates x 2 batch sizes, when there is none)."""
+    space = (params_search or {}).get("space") or PAPER_GRID
+    if not isinstance(space, dict):
+        raise ValueError(f"search space must be a mapping of dotted parameter -> list of values, got {space!r}")
+    out = {}
+    for key, values in space.items():
+        values = values if isinstance(values, (list, tuple)) else [values]
+        if not values:
+            raise ValueError(f"search space {key!r} has no values")
+        values = [_scalar(key, v) for v in values]
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"search space {key!r} repeats a value: {values}")
+        out[str(key)] = values
+    return out
+
+
+def grid_size(space: dict) -> int:
+    return math.prod(len(v) for v in space.values())
+
+
+def storage_url(params_search: dict | None = None) -> str:
+    """env OPTUNA_STORAGE > params/search.yaml `storage` > sqlite:///optuna.db."""
+    return os.environ.get("OPTUNA_STORAGE") or (params_search or {}).get("storage") or DEFAULT_STORAGE
+
+
+def study_name(benchmark: str, task: str, model: str, method: str = "ptuning", suffix: str = "") -> str:
+    """A readable default study name, e.g. `lama-P19-smollm2-135m-ptuning`."""
+    name = "-".join(str(p) for p in (benchmark, task, model, method, suffix) if p)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+# --- samplers, pruners, storage --------------------------------------------------------------------
+
+def _requeued(attrs: dict) -> bool:
+    """A re-queued trial (a dead worker's, or enqueued by hand): it brings its own parameters."""
+    return "failed_trial" in attrs or "fixed_params" in attrs
+
+
+class ExclusiveGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for several workers: a trial takes the grid point of its rank (its number less the
+    re-queued trials before it), so each point goes to exactly one trial; a trial ranked past the grid
+    is marked `grid_extra` (run_search closes it untrained). Stopping is left to run_search."""
+
+    def __init__(self, search_space: dict, seed: int | None = None) -> None:
+        # Every worker must map grid ids to the same points: one fixed order, whatever the seed.
+        super().__init__(search_space, seed=0)
+
+    def before_trial(self, study: optuna.Study, trial) -> None:
+        if "grid_id" in trial.system_attrs or _requeued(trial.system_attrs):
+            return
+        earlier = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        rank = sum(1 for t in earlier if t.number < trial.number and not _requeued(t.system_attrs))
+        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+        if rank < self._n_min_trials:
+            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", rank)
+        else:
+            study._storage.set_trial_system_attr(trial._trial_id, "grid_extra", True)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass  # GridSampler would stop the study while a re-queued point still waits
+
+
+def make_sampler(name: str, space: dict, seed: int | None = 0) -> optuna.samplers.BaseSampler:
+    """`grid` (every point of `space` once, in one fixed order shared by all workers: the seed does not
+    change it), `tpe` or `random` (sample `space`'s values; with several workers, give each its own seed)."""
+    name = (name or "grid").lower()
+    if name == "grid":
+        return ExclusiveGridSampler(space, seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+
+
+def make_pruner(name: str | None, options: dict | None = None) -> optuna.pruners.BasePruner:
+    name, options = (name or "none").lower(), dict(options or {})
+    if name == "median":
+        return optuna.pruners.MedianPruner(**options)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(**{"percentile": 25.0, **options})
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(**options)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**options)
+    if name in ("none", "nop", "off"):
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {name!r}; choose one of {PRUNERS}")
+
+
+def _redact(url: str) -> str:
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def normalise_url(url: str) -> str:
+    """`postgresql://` means psycopg (v3) to SQLAlchemy 2.1; use psycopg2 when only that is installed."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
+def check_storage(url: str, timeout: float = 5) -> None:
+    """Open (and close) one connection to the storage, or raise StorageUnreachable naming it."""
+    import sqlalchemy
+
+    shown, url = _redact(url), normalise_url(url)
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception as error:
+        raise StorageUnreachable(f"Optuna storage {url!r} is not a database URL ({error}); "
+                                 f"use e.g. {DEFAULT_STORAGE} or postgresql://user@host:5432/db") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        path = parsed.database
+        if path and path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise StorageUnreachable(f"Optuna storage {shown} is unreachable: directory "
+                                     f"{os.path.dirname(os.path.abspath(path))} does not exist")
+    connect_args = {}
+    if backend in ("postgresql", "mysql", "mariadb"):
+        connect_args = {"connect_timeout": max(1, int(math.ceil(timeout)))}
+    elif backend == "sqlite":
+        connect_args = {"timeout": timeout}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
+        raise StorageUnreachable(f"Optuna storage {shown} is unreachable: {reason[0] if reason else type(error).__name__} "
+                                 "(is the database server running, and does the database exist?)") from None
+
+
+def _rdb_storage(url: str, heartbeat: int | None, grace: int | None, max_retry: int) -> optuna.storages.RDBStorage:
+    kwargs = {}
+    if heartbeat:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        kwargs = {"heartbeat_interval": int(heartbeat), "grace_period": int(grace or 2 * heartbeat),
+                  "heartbeat_stale_trial_callback": retry}
+    engine_kwargs = {"pool_pre_ping": True}
+    if url.startswith(("postgresql", "mysql", "mariadb")):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    # Several workers opening a fresh database at once race on creating its tables: try again.
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except Exception as error:  # sqlalchemy IntegrityError / ProgrammingError on a concurrent CREATE
+            if attempt == 4:
+                raise
+            log.info("opening %s failed (%s), trying again", _redact(url), type(error).__name__)
+            time.sleep(0.2 + 0.3 * attempt)
+    raise AssertionError("unreachable")
+
+
+def open_study(
+    study_name: str,
+    storage: str | None,
+    space: dict,
+    sampler: str = "grid",
+    seed: int | None = 0,
+    pruner: str = "median",
+    *,
+    direction: str = "maximize",
+    pruner_options: dict | None = None,
+    heartbeat: int | None = 60,
+    grace: int | None = None,
+    max_retry: int = 2,
+    check_timeout: float = 5,
+) -> optuna.Study:
+    """Create the study or join it (load_if_exists). `storage` None/"": env OPTUNA_STORAGE, else
+    sqlite:///optuna.db (give storage_url(params) to follow params/search.yaml).
+    The storage is checked first: StorageUnreachable (naming the URL) before anything trains.
+    `heartbeat` (seconds, database storages): a trial whose worker died is failed after `grace`
+    (default 2 x heartbeat) and re-queued, at most `max_retry` times; None turns this off."""
+    url = storage or storage_url(None)  # env OPTUNA_STORAGE, else sqlite:///optuna.db
+    space = grid_space({"space": space}) if space is not None else grid_space(None)
+    sampler_obj = make_sampler(sampler, space, seed)  # a bad name fails before the storage is touched
+    pruner_obj = make_pruner(pruner, pruner_options)
+    check_storage(url, timeout=check_timeout)
+    rdb = _rdb_storage(normalise_url(url), heartbeat, grace, max_retry)
+    for attempt in range(5):
+        try:
+            study = optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler_obj, pruner=pruner_obj,
+                                        direction=direction, load_if_exists=True)
+            break
+        except Exception as error:  # concurrent creation of the same study by several workers
+            if attempt == 4 or isinstance(error, ValueError):
+                raise
+            time.sleep(0.2 + 0.3 * attempt)
+    if list(study.directions) != [optuna.study.StudyDirection[direction.upper()]]:
+        raise ValueError(f"study {study_name!r} in {_redact(url)} optimises {study.directions[0].name.lower()}, "
+                         f"not {direction}: use another study name")
+    if isinstance(sampler_obj, optuna.samplers.GridSampler):
+        for trial in study.get_trials(deepcopy=False):
+            other = trial.system_attrs.get("search_space")
+            if other is not None and not sampler_obj._same_search_space(other):
+                raise ValueError(f"study {study_name!r} in {_redact(url)} was searched over another grid ({other}); "
+                                 f"this grid is {space}: use another study name")
+    _SPACES[study] = space
+    try:  # for people reading the study (optuna-dashboard); concurrent workers write the same value
+        if study.user_attrs.get("search_space") != space:
+            study.set_user_attr("search_space", space)
+    except Exception:
+        pass
+    log.info("study %s in %s: %s sampler over %s, %s pruner", study_name, _redact(url), sampler, space, pruner)
+    return study
+
+
+# --- pruning ----------------------------------------------------------------------------------------
+
+class PruningCallback(Callback):
+    """Reports every evaluation's selection metric to the Optuna trial and raises optuna.TrialPruned
+    (which stops training) when the study's pruner says so.
+
+    metric: the key of the evaluation metrics (e.g. `dev_p1`, `acc`); None: the metric when there is
+    one, the mean of the numeric ones otherwise. by: `step` (optimizer steps) or `epoch` (only with
+    per-epoch evaluation). Several `fit`s in one trial (LAMA `all`) continue one another's steps."""
+
+    def __init__(self, trial: optuna.Trial, metric: str | None = None, by: str = "step"):
+        if by not in ("step", "epoch"):
+            raise ValueError(f"PruningCallback: by must be 'step' or 'epoch', got {by!r}")
+        self.trial, self.metric, self.by = trial, metric, by
+        self.offset = 0  # steps (epochs) of the fits before this one
+        self.last = 0
+        self.reported: list[tuple[int, float]] = []
+
+    def value_of(self, metrics: dict) -> float | None:
+        if self.metric is not None:
+            if self.metric not in metrics:
+                raise KeyError(f"PruningCallback: no metric {self.metric!r} in the evaluation's {sorted(metrics)}")
+            return float(metrics[self.metric])
+        numbers = [float(v) for v in metrics.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return sum(numbers) / len(numbers) if numbers else None
+
+    def on_train_begin(self, info: dict) -> None:
+        self.offset = self.last
+
+    def on_evaluate(self, step: int, epoch: int, metrics: dict, improved: bool) -> None:
+        value = self.value_of(metrics)
+        at = self.offset + (step if self.by == "step" else epoch)
+        self.last = max(self.last, at)
+        if value is None or math.isnan(value):
+            return
+        self.trial.report(value, at)
+        self.reported.append((at, value))
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"trial {self.trial.number} pruned at {self.by} {at}: value {value:.4f}")
+
+
+# --- the search -------------------------------------------------------------------------------------
+
+def _space_of(study: optuna.Study, space: dict | None) -> dict:
+    if space is not None:
+        return grid_space({"space": space})
+    if study in _SPACES:
+        return _SPACES[study]
+    if isinstance(study.sampler, optuna.samplers.GridSampler):
+        return dict(study.sampler._search_space)
+    if "search_space" in study.user_attrs:
+        return grid_space({"space": study.user_attrs["search_space"]})
+    raise ValueError("run_search: the study was not opened with open_study; pass space=")
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _grid_open(study: optuna.Study, n_grid: int) -> bool:
+    """Is there grid work nobody has taken: a re-queued trial waiting, or a grid point not yet handed out."""
+    _fail_stale(study)
+    trials = study.get_trials(deepcopy=False)
+    handed_out = sum(1 for t in trials if not _requeued(t.system_attrs))
+    return any(t.state == TrialState.WAITING for t in trials) or handed_out < n_grid
+
+
+def _others_running(study: optuna.Study) -> bool:
+    return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+
+def _system_attrs(trial: optuna.Trial) -> dict:
+    return trial.storage.get_trial_system_attrs(trial._trial_id)
+
+
+def run_search(
+    study: optuna.Study,
+    objective_params: dict,
+    run_trial: Callable[[dict, list[Callback], optuna.Trial], dict],
+    n_trials: int | None,
+    metric: str = "dev_score",
+    *,
+    space: dict | None = None,
+    prune_metric: str | None = None,
+    prune_by: str = "step",
+    total_trials: int | None = None,
+    catch: tuple[type[Exception], ...] = (),
+    linger: bool = False,
+    poll: float | None = None,
+) -> optuna.Study:
+    """Run trials of `study` in this process until the grid is exhausted (grid sampler, n_trials None),
+    `n_trials` trials ran here, or the study holds `total_trials` finished trials.
+
+    Each trial suggests every key of the space, applies the values to a copy of `objective_params`
+    (dotted keys, components.params.apply_overrides) and calls
+    `run_trial(params, [PruningCallback], trial) -> metrics`; the trial's value is `metrics[metric]`.
+    run_trial must let optuna.TrialPruned through. Numeric top-level metrics become user attributes.
+    Exceptions other than `catch` fail the trial and stop this worker. `linger` (grid, n_trials None):
+    once every point is taken, wait (every `poll` s, default the heartbeat) while other workers' trials
+    run, to take over the point of one whose worker dies."""
+    space = _space_of(study, space)
+    is_grid = isinstance(study.sampler, optuna.samplers.GridSampler)
+    n_grid = grid_size(space)
+    if not is_grid and n_trials is None and total_trials is None:
+        raise ValueError(f"run_search: the {type(study.sampler).__name__} never runs out of points; give n_trials or total_trials")
+
+    def finished_count() -> int:
+        return sum(1 for t in study.get_trials(deepcopy=False)
+                   if t.state.is_finished() and SKIPPED not in t.user_attrs)
+
+    def objective(trial: optuna.Trial) -> float:
+        if is_grid and _system_attrs(trial).get("grid_extra"):
+            trial.set_user_attr(SKIPPED, "every grid point was already taken by another worker")
+            study.stop()
+            raise optuna.TrialPruned(f"trial {trial.number}: grid exhausted, skipped")
+        retry_of = _system_attrs(trial).get("failed_trial")
+        if retry_of is not None:
+            trial.set_user_attr("retry_of", retry_of)
+        overrides = {key: trial.suggest_categorical(key, values) for key, values in space.items()}
+        params = apply_overrides(objective_params, overrides)
+        log.info("trial %d of study %s: %s", trial.number, study.study_name, overrides)
+        metrics = run_trial(params, [PruningCallback(trial, prune_metric, by=prune_by)], trial)
+        if not isinstance(metrics, dict) or metric not in metrics:
+            raise KeyError(f"run_search: run_trial returned no {metric!r} (keys: {sorted(metrics) if isinstance(metrics, dict) else metrics!r})")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                trial.set_user_attr(key, value)
+        return float(metrics[metric])
+
+    def after_trial(study: optuna.Study, trial) -> None:
+        if is_grid and not _grid_open(study, n_grid):
+            study.stop()
+        if total_trials is not None and finished_count() >= total_trials:
+            study.stop()
+
+    if total_trials is not None and finished_count() >= total_trials:
+        return study
+    if not is_grid:
+        study.optimize(objective, n_trials=n_trials, callbacks=[after_trial], catch=catch)
+        return study
+    while True:
+        if _grid_open(study, n_grid):
+            study.optimize(objective, n_trials=n_trials, callbacks=[after_trial], catch=catch)
+        if not linger or n_trials is not None or not _others_running(study):
+            break
+        time.sleep(poll or float(getattr(study._storage, "get_heartbeat_interval", lambda: None)() or 5))
+    log.info("study %s: every grid point is taken", study.study_name)
+    return study
+
+
+def point_key(trial) -> str:
+    """A stable name for a trial's configuration (its params), e.g. for its output directory: a
+    re-queued trial gets the same key, and so resumes from the checkpoint its first attempt left."""
+    return ",".join(f"{k}={trial.params[k]}" for k in sorted(trial.params)) or f"trial-{trial.number}"
+
+
+def summary(study: optuna.Study) -> dict:
+    """Counts and the best trial, leaving out trials skipped at the grid's end."""
+    trials = [t for t in study.get_trials(deepcopy=False) if SKIPPED not in t.user_attrs]
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value if study.direction.name == "MAXIMIZE" else -t.value) if complete else None
+    return {"study": study.study_name, "trials": len(trials), **counts,
+            "best_value": best.value if best else None, "best_params": dict(best.params) if best else None,
+            "best_trial": best.number if best else None}

@@ -1,0 +1,289 @@
+"""The training loop. It knows nothing of tasks, Optuna or MLflow: a task hands it `loss_fn` and
+`evaluate_fn`, and whoever watches (pruning, tracking, progress) attaches a `Callback`.
+
+Runs on CUDA when present (bf16 autocast where supported), accumulates gradients for large effective
+batches, batches examples of similar length together, keeps no gradients for a frozen LM, and saves a
+checkpoint at every evaluation so that a killed run resumes where it was and ends with the same result.
+Multi-GPU: launch with `accelerate launch` (or torchrun); the loop goes through `accelerate.Accelerator`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5  # prompt encoder
+    lm_lr: float = 1e-5  # LM, when it is trained
+    weight_decay: float = 0.0
+    lm_weight_decay: float = 0.0  # not applied to biases and LayerNorm weights
+    optimizer: str = "adamw"  # adam | adamw
+    batch_size: int = 8  # effective batch: one optimizer step
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
+    epochs: int = 1
+    max_steps: int | None = None  # stops earlier than `epochs` when reached
+    eval_every: int | None = None  # steps between evaluations; None: every epoch
+    patience: int | None = None  # evaluations without improvement before stopping; None: never
+    schedule: str = "constant"  # constant | linear (with warmup) | exponential (decay per epoch)
+    warmup_steps: int = 0
+    lr_decay: float = 1.0  # exponential schedule: factor per epoch
+    max_grad_norm: float | None = 1.0
+    precision: str = "auto"  # auto (bf16 on a CUDA device that has it) | bf16 | fp32
+    length_bucketing: bool = True
+    seed: int = 34
+
+    def __post_init__(self):
+        checks = {
+            "lr": self.lr > 0, "lm_lr": self.lm_lr > 0, "weight_decay": self.weight_decay >= 0,
+            "lm_weight_decay": self.lm_weight_decay >= 0, "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+            "epochs": self.epochs >= 1, "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "eval_every": self.eval_every is None or self.eval_every >= 1,
+            "patience": self.patience is None or self.patience >= 1, "warmup_steps": self.warmup_steps >= 0,
+            "lr_decay": 0 < self.lr_decay <= 1, "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+            "optimizer": self.optimizer in ("adam", "adamw"),
+            "schedule": self.schedule in ("constant", "linear", "exponential"),
+            "precision": self.precision in ("auto", "bf16", "fp32"),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"invalid training settings: {shown} (learning rates must be > 0, counts >= 1, "
+                             "batch_size divisible by grad_accum, lr_decay in (0, 1])")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class Callback:
+    """Hooks of the loop. Raising from one (e.g. optuna.TrialPruned) stops training."""
+
+    def on_train_begin(self, info: dict) -> None: ...
+    def on_step(self, step: int, loss: float, lr: float) -> None: ...
+    def on_evaluate(self, step: int, epoch: int, metrics: dict, improved: bool) -> None: ...
+    def on_train_end(self, result: "TrainResult") -> None: ...
+
+
+@dataclass
+class TrainResult:
+    best_metrics: dict
+    best_step: int
+    steps: int
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def improved(new: dict, best: dict | None, keys: tuple[str, ...]) -> bool:
+    """Better when no selection metric got worse and one got better (PET's rule for CB and MultiRC)."""
+    if best is None:
+        return True
+    return all(new[k] >= best[k] for k in keys) and any(new[k] > best[k] for k in keys)
+
+
+def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, bucketing: bool) -> list[list[int]]:
+    """A seeded, epoch-dependent order of batches. With bucketing, examples are sorted by length inside
+    windows of 50 batches so a batch pads little, and the batches are then shuffled."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if bucketing:
+        window = 50 * batch_size
+        order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=lambda j: lengths[j])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if bucketing:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    use_bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
+
+
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    prompt = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lm.")]
+    lm_decay, lm_no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad and name.startswith("lm."):
+            (lm_no_decay if p.ndim < 2 or "norm" in name.lower() else lm_decay).append(p)
+    groups = [{"params": prompt, "lr": config.lr, "weight_decay": config.weight_decay},
+              {"params": lm_decay, "lr": config.lm_lr, "weight_decay": config.lm_weight_decay},
+              {"params": lm_no_decay, "lr": config.lm_lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _schedule(optimizer, config: TrainConfig, total_steps: int, steps_per_epoch: int):
+    def factor(step: int) -> float:
+        if config.schedule == "linear":
+            if step < config.warmup_steps:
+                return (step + 1) / max(config.warmup_steps, 1)
+            return max(0.0, (total_steps - step) / max(total_steps - config.warmup_steps, 1))
+        if config.schedule == "exponential":
+            return config.lr_decay ** (step // steps_per_epoch)
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _trainable_state(model: nn.Module) -> dict:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def fit(
+    model: nn.Module,
+    train_items: list,
+    lengths: list[int],
+    collate: Callable[[list], dict],
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+    evaluate_fn: Callable[[nn.Module], dict],
+    config: TrainConfig,
+    select: tuple[str, ...],
+    callbacks: list[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train `model` on `train_items`, evaluate with `evaluate_fn` and keep the best trainable state
+    by the `select` metrics. The model ends holding its best state."""
+    if not train_items:
+        raise ValueError("no training examples")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train: every parameter is frozen")
+    seed_everything(config.seed)
+    accelerator = make_accelerator(config.precision)
+    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(_param_groups(model, config))
+    steps_per_epoch = math.ceil(len(train_items) / config.batch_size)
+    total_steps = min(config.max_steps or math.inf, config.epochs * steps_per_epoch)
+    scheduler = _schedule(optimizer, config, total_steps, steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    state = {"step": 0, "epoch": 0, "best": None, "best_step": 0, "bad_evals": 0, "history": []}
+    best_state = _trainable_state(accelerator.unwrap_model(model))
+    checkpoint = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        accelerator.unwrap_model(model).load_state_dict(saved["model"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state, best_state = saved["state"], saved["best_state"]
+        torch.set_rng_state(saved["rng"])
+
+    for cb in callbacks:
+        cb.on_train_begin({"config": asdict(config), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                           "resumed_at_step": state["step"], "device": str(device), "precision": accelerator.mixed_precision})
+    started = time.time()
+    # A checkpoint written by the evaluation that ended training (max_steps or patience) resumes as finished.
+    stop = ((config.max_steps is not None and state["step"] >= config.max_steps)
+            or (config.patience is not None and state["bad_evals"] >= config.patience))
+    micro = config.batch_size // config.grad_accum
+
+    def evaluate_and_checkpoint():
+        model.eval()
+        with torch.no_grad(), accelerator.autocast():
+            metrics = evaluate_fn(accelerator.unwrap_model(model))
+        model.train()
+        better = improved(metrics, state["best"], select)
+        if better:
+            state.update(best=metrics, best_step=state["step"], bad_evals=0)
+            best_state.update(_trainable_state(accelerator.unwrap_model(model)))
+        else:
+            state["bad_evals"] += 1
+        state["history"].append({"step": state["step"], "epoch": state["epoch"], **metrics})
+        if checkpoint is not None and accelerator.is_main_process:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"model": _trainable_state(accelerator.unwrap_model(model)), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "state": state, "best_state": best_state,
+                        "rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, checkpoint)  # atomic: a kill mid-write leaves the previous checkpoint
+        for cb in callbacks:
+            cb.on_evaluate(state["step"], state["epoch"], metrics, better)
+        return config.patience is not None and state["bad_evals"] >= config.patience
+
+    model.train()
+    while state["epoch"] < config.epochs and not stop:
+        batches = length_batches(lengths, config.batch_size, config.seed, state["epoch"], config.length_bucketing)
+        done_in_epoch = state["step"] - state["epoch"] * steps_per_epoch
+        for indices in batches[done_in_epoch:]:
+            step_loss = 0.0
+            chunks = [indices[s:s + micro] for s in range(0, len(indices), micro)]
+            for j, chunk in enumerate(chunks):
+                batch = collate([train_items[i] for i in chunk])
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                # Only the last micro-batch of a step synchronises gradients across GPUs.
+                sync = contextlib.nullcontext() if j == len(chunks) - 1 else accelerator.no_sync(model)
+                with sync:
+                    with accelerator.autocast():
+                        # Micro-batches weigh by their share of the step's examples: same gradient as one batch.
+                        loss = loss_fn(model, batch) * (len(chunk) / len(indices))
+                    accelerator.backward(loss)
+                step_loss += loss.item()
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            for cb in callbacks:
+                cb.on_step(state["step"], step_loss, scheduler.get_last_lr()[0])
+            last_step = config.max_steps is not None and state["step"] >= config.max_steps
+            if (config.eval_every and state["step"] % config.eval_every == 0) or last_step:
+                stop = evaluate_and_checkpoint() or last_step
+                if stop:
+                    break
+        else:
+            state["epoch"] += 1
+            if config.eval_every is None:
+                stop = evaluate_and_checkpoint()
+
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.load_state_dict(best_state, strict=False)
+    result = TrainResult(best_metrics=state["best"] or {}, best_step=state["best_step"], steps=state["step"],
+                         stopped_early=state["bad_evals"] >= (config.patience or math.inf),
+                         history=state["history"], seconds=time.time() - started)
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result
+
+
+class LogProgress(Callback):
+    """Progress on the `components` logger: the terminal, and Prefect's logs when a flow runs this."""
+
+    def __init__(self, every: int = 10, prefix: str = ""):
+        self.every, self.prefix, self.total = every, prefix, None
+        self.log = __import__("logging").getLogger("components.training")
+
+    def on_train_begin(self, info):
+        self.total = info["total_steps"]
+        self.log.info("%straining %s steps on %s (%s)%s", self.prefix, self.total, info["device"], info["precision"],
+                      f", resumed at step {info['resumed_at_step']}" if info["resumed_at_step"] else "")
+
+    def on_step(self, step, loss, lr):
+        if step % self.every == 0:
+            self.log.info("%sstep %d/%s loss %.4f lr %.2e", self.prefix, step, self.total, loss, lr)
+
+    def on_evaluate(self, step, epoch, metrics, improved):
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self.log.info("%seval at step %d (epoch %d): %s%s", self.prefix, step, epoch, shown, " *" if improved else "")

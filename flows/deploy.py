@@ -1,0 +1,78 @@
+"""Register the deployments `ptuning/lama` and `ptuning/superglue` with a work pool, for workers (on this or
+other machines) to run: the alternative to `python -m flows.serve`, which needs neither pool nor worker.
+
+    export PREFECT_API_URL=http://<prefect-server>:4200/api       # the Prefect server everyone shares
+    python -m flows.deploy --pool ptuning                          # once (creates the process pool if missing)
+    prefect worker start --pool ptuning                            # on each machine that trains
+    prefect deployment run ptuning/lama -p tasks='["P19"]' --watch
+
+A worker runs each flow run in a subprocess that imports `flows.pipeline` from the project installed on its
+machine (scripts/setup.sh, or `pip install -e .` in a checkout) and works in that checkout (params/, dvc.yaml,
+data/, outputs/). Stores that several machines share are given to the runs' environment with --env, e.g.
+`--env MLFLOW_TRACKING_URI=http://<mlflow>:5000 --env OPTUNA_STORAGE=postgresql://user@<db>:5432/optuna`.
+
+prefect.yaml describes the same deployments for `prefect deploy`; with prefect 3.8.8 against its own server
+under fastapi 0.154, `prefect deploy` stops after the first deployment on a 422 from the workers/filter
+endpoint (the deployment it printed is registered), which this script avoids.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
+
+import argparse
+import sys
+
+from flows.pipeline import BENCHMARKS
+
+RUN_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "components", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+
+
+def ensure_pool(name: str, pool_type: str = "process") -> bool:
+    """Create the work pool (with the worker type's default job template) unless it exists; True if created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template() if pool_type == "process" else {}
+            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+            return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", default="ptuning", help="work pool (default: ptuning; created as a process pool if missing)")
+    parser.add_argument("--queue", default=None, help="work queue of the pool (default: the pool's default queue)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="register only this deployment (repeatable)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the flow runs (repeatable), e.g. MLFLOW_TRACKING_URI=http://mlflow:5000")
+    args = parser.parse_args(argv)
+    env = dict(RUN_ENV)
+    for pair in args.env:
+        if "=" not in pair:
+            parser.error(f"--env {pair!r} is not of the form KEY=VALUE")
+        key, value = pair.split("=", 1)
+        env[key.strip()] = value
+    from flows.serve import deployments
+
+    if ensure_pool(args.pool):
+        print(f"created process work pool {args.pool!r}")
+    for deployment in deployments(args.only, work_pool_name=args.pool, work_queue_name=args.queue,
+                                  job_variables={"env": env}):
+        deployment_id = deployment.apply()
+        print(f"registered ptuning/{deployment.name} ({deployment_id}) on work pool {args.pool!r}")
+    print(f"\nstart a worker on every machine that trains:  prefect worker start --pool {args.pool}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Serve the deployments `ptuning/lama` and `ptuning/superglue` from this process.
+
+    python -m flows.serve [--limit N] [--only lama|superglue]
+
+The process registers both deployments with the Prefect API (PREFECT_API_URL; without it, a Prefect server
+this process starts on its own for as long as it runs) and executes their flow runs as subprocesses of itself,
+until it is stopped (Ctrl-C). Then, from any shell that points at the same API:
+
+    prefect deployment run ptuning/lama -p tasks='["P19"]' -p n_trials=2 --watch
+    prefect deployment run ptuning/superglue -p tasks='["rte"]' -p seeds='[42, 43]' --watch
+
+Every parameter of the flow (flows/pipeline.py `ptuning`) can be given with -p; those not given come from
+params/flow.yaml when the run starts. Serving needs no work pool or worker; for workers on other machines see
+prefect.yaml (README: "Remote Prefect server and workers").
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
+
+import argparse
+import sys
+
+from flows.pipeline import BENCHMARKS, REPO, ptuning
+
+DESCRIPTIONS = {
+    "lama": "LAMA knowledge probing (paper Table 2): P@1 per relation; defaults in params/flow.yaml `lama:`.",
+    "superglue": "SuperGLUE / FewGLUE (paper Tables 3-5); defaults in params/flow.yaml `superglue:`.",
+}
+
+
+def deployments(only: list[str] | None = None, **kwargs) -> list:
+    """The RunnerDeployments `ptuning/<benchmark>`. The entry point is the module path `flows.pipeline.ptuning`:
+    a run starts wherever this project is installed (no copy of the code travels). `kwargs` go to
+    `to_deployment` (flows.deploy passes the work pool and the job's environment)."""
+    from prefect.types.entrypoint import EntrypointType
+
+    return [ptuning.to_deployment(name=benchmark, parameters={"benchmark": benchmark}, description=DESCRIPTIONS[benchmark],
+                                  tags=["ptuning", benchmark], entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
+            for benchmark in (only or BENCHMARKS)]
+
+
+LOCAL_API = "http://127.0.0.1:4200/api"
+
+
+def api_url() -> str | None:
+    """The Prefect API the deployments go to: PREFECT_API_URL (env or profile), else a server already listening
+    on 127.0.0.1:4200 (`prefect server start`). Serving against a throw-away temporary API would be of no use:
+    `prefect deployment run` could not reach it."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return url
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{LOCAL_API}/health", timeout=3) as response:
+            if response.status == 200:
+                os.environ["PREFECT_API_URL"] = LOCAL_API  # for the flow-run subprocesses
+                print(f"PREFECT_API_URL is not set; using the Prefect server at {LOCAL_API}", file=sys.stderr)
+                return LOCAL_API
+    except OSError:
+        pass
+    print("python -m flows.serve: no Prefect server: start one (`prefect server start`) and/or set PREFECT_API_URL, "
+          f"e.g. export PREFECT_API_URL={LOCAL_API}", file=sys.stderr)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=None, help="flow runs at most at once (default: no limit)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="serve only this deployment (repeatable)")
+    args = parser.parse_args(argv)
+    url = api_url()
+    if not url:
+        return 2
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    os.chdir(REPO)  # runs start from the repository: params/, dvc.yaml, data/, outputs/
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        serve(*deployments(args.only), limit=args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Test environment: offline, no telemetry, shared data from ../shared (or $PTUNING_SHARED)."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PTUNING_SHARED", REPO.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data" / "MANIFEST.tsv").exists():
+        pytest.fail(f"shared data not found at {SHARED}: set PTUNING_SHARED")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def repo_dir() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def raw_data_dir(tmp_path_factory, shared_dir) -> Path:
+    """The mirror materialised as the `materialise` stage does it (checksums verified)."""
+    from components.sources import materialise
+
+    out = tmp_path_factory.mktemp("data") / "raw"
+    materialise(shared_dir / "data", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lama_data_dir(raw_data_dir, shared_dir) -> Path:
+    """data/lama as the `prepare_lama` stage writes it; `.stats` holds its stats."""
+    from components.lama_data import prepare
+    from components.params import load_params
+
+    out = raw_data_dir.parent / "lama"
+    prepare(raw_data_dir, out, tokenizers=shared_dir / "tokenizers", params=load_params("data"))
+    return out

@@ -1,0 +1,102 @@
+"""DVC: the preparation and training stages of dvc.yaml, in a throw-away git repository that holds a copy of
+the project's files (the working tree may be uncommitted) next to a link to the shared data mirror.
+
+`dvc repro prepare_lama` works and a second run does nothing; a tiny `train_lama` (params/lama.yaml of the
+copy set to tiny-gpt2 and a few steps) makes `dvc metrics show` and `dvc plots show` work; changing one
+training parameter leaves only `train_lama` out of date."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+COPIED = ("components", "flows", "params", "dvc.yaml", ".dvcignore", ".dvc/config")
+
+
+def _dvc(repo: Path, *args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=240)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory, repo_dir, shared_dir):
+    root = tmp_path_factory.mktemp("dvc")
+    (root / "shared").symlink_to(shared_dir, target_is_directory=True)  # dvc.yaml's ../shared/...
+    repo = root / "repo"
+    repo.mkdir()
+    for name in COPIED:
+        source, target = repo_dir / name, repo / name
+        if not source.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    env = {**os.environ,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PTUNING_PARAMS_DIR": str(repo / "params"),  # the installed `ptuning` reads the copy's params
+           "PTUNING_DATA_MIRROR": str(shared_dir / "data"),
+           "PYTHONPATH": str(repo),  # `python -m flows.report` of the copy
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A tiny configuration of the training stage: tiny random GPT-2, one relation, 4 steps.
+    lama = yaml.safe_load((repo / "params" / "lama.yaml").read_text())
+    lama.update(task="P19", model="tiny-gpt2", method="ptuning", eval_batch_size=256)
+    lama["train"].update(max_steps=4, eval_every=2, batch_size=8, epochs=1, patience=None)
+    (repo / "params" / "lama.yaml").write_text(yaml.safe_dump(lama, sort_keys=False))
+    return repo, env
+
+
+def test_prepare_lama_runs_then_does_nothing(dvc_repo):
+    repo, env = dvc_repo
+    first = _dvc(repo, "repro", "prepare_lama", env=env)
+    assert "Running stage 'prepare_lama'" in first.stdout, first.stdout[-2000:]
+    assert (repo / "data" / "lama" / "29k" / "P19" / "test.jsonl").exists()
+    second = _dvc(repo, "repro", "prepare_lama", env=env)
+    assert "Running stage" not in second.stdout, second.stdout[-2000:]
+    assert "didn't change" in second.stdout or "up to date" in second.stdout
+
+
+def test_train_stage_metrics_plots_and_param_change(dvc_repo):
+    repo, env = dvc_repo
+    _dvc(repo, "repro", "train_lama", env=env)
+    metrics_file = repo / "outputs" / "dvc" / "lama" / "metrics.json"
+    curve = repo / "outputs" / "dvc" / "lama" / "learning_curve.csv"
+    assert metrics_file.exists() and curve.exists()
+    assert not list((repo / "outputs" / "dvc" / "lama" / "run").rglob("last.pt")), "the resume checkpoint is dropped"
+    assert (repo / "outputs" / "dvc" / "lama" / "run" / "prompt").is_dir()
+    lines = curve.read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["step", "epoch", "task"] and "dev_score" in lines[0]
+    assert [line.split(",")[0] for line in lines[1:]] == ["2", "4"]
+
+    shown = json.loads(_dvc(repo, "metrics", "show", "--json", env=env).stdout)
+    text = json.dumps(shown)
+    assert "outputs/dvc/lama/metrics.json" in text and '"p1"' in text and '"dev_score"' in text
+    plots = _dvc(repo, "plots", "show", "--json", env=env)
+    assert "learning_curve.csv" in plots.stdout and "dev_score" in plots.stdout
+    html = _dvc(repo, "plots", "show", "-o", str(repo / "plots_html"), env=env)
+    assert (repo / "plots_html" / "index.html").exists(), html.stdout
+
+    # Up to date now; one changed training parameter puts train_lama, and nothing else, out of date.
+    before = json.loads(_dvc(repo, "status", "--json", env=env).stdout or "{}")
+    assert "train_lama" not in before and "prepare_lama" not in before and "materialise" not in before
+    params_file = repo / "params" / "lama.yaml"
+    lama = yaml.safe_load(params_file.read_text())
+    lama["train"]["lr"] = 2.0e-5
+    params_file.write_text(yaml.safe_dump(lama, sort_keys=False))
+    after = json.loads(_dvc(repo, "status", "--json", env=env).stdout or "{}")
+    assert set(after) - set(before) == {"train_lama"}, after
+    assert "params/lama.yaml" in json.dumps(after["train_lama"])
+    dry = _dvc(repo, "repro", "--dry", "train_lama", env=env)
+    assert "Running stage 'train_lama'" in dry.stdout
+    assert "Running stage 'prepare_lama'" not in dry.stdout and "Running stage 'materialise'" not in dry.stdout

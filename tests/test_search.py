@@ -1,0 +1,221 @@
+"""Optuna search: the paper's grid, two worker processes sharing one study in PostgreSQL (every grid
+point exactly once), pruning through the real training loop, and a clear error for a dead storage."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from components.search import (PAPER_GRID, SKIPPED, PruningCallback, StorageUnreachable, grid_size, grid_space,
+                               make_sampler, open_study, run_search, summary)
+from components.params import load_params
+from components.training import TrainConfig, fit
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+# --- a tiny real task: fit a linear regression; dev score = -MSE ---------------------------------
+
+def tiny_train(params: dict, callbacks: list, steps: int = 12, eval_every: int = 3) -> dict:
+    torch.manual_seed(0)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    x = torch.randn(64, 4)
+    y = x @ w
+    items = list(range(64))
+    model = nn.Linear(4, 1)
+    config = TrainConfig(lr=params["train"]["lr"], batch_size=params["train"]["batch_size"], epochs=50,
+                         max_steps=steps, eval_every=eval_every, precision="fp32", optimizer="adam", seed=1)
+
+    def loss_fn(m, batch):
+        return nn.functional.mse_loss(m(batch["x"]).squeeze(-1), batch["y"])
+
+    def evaluate(m):
+        return {"dev_neg_mse": -nn.functional.mse_loss(m(x).squeeze(-1), y).item()}
+
+    collate = lambda idx: {"x": x[idx], "y": y[idx]}
+    result = fit(model, items, [1] * len(items), collate, loss_fn, evaluate, config, select=("dev_neg_mse",),
+                 callbacks=callbacks)
+    return {"dev_score": result.best_metrics["dev_neg_mse"], "steps": result.steps}
+
+
+OBJECTIVE_PARAMS = {"task": "synthetic", "train": {"lr": 0.0, "batch_size": 0}}
+
+
+@pytest.fixture
+def pg_database():
+    psycopg2 = pytest.importorskip("psycopg2")
+    name = f"ptuning_search_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error}")
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG}/{name}"
+    finally:
+        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_default_space_is_the_papers_grid(repo_dir):
+    assert grid_space({}) == PAPER_GRID
+    assert grid_size(grid_space({})) == 6
+    from_file = grid_space(load_params("search"))
+    assert from_file == {"train.lr": [1e-5, 2e-5, 3e-5], "train.batch_size": [16, 32]}
+    assert all(isinstance(v, float) for v in from_file["train.lr"])
+    assert grid_space({"space": {"train.lr": ["1e-5", "2e-5"]}}) == {"train.lr": [1e-5, 2e-5]}  # YAML 1.1 strings
+    with pytest.raises(ValueError, match="no values"):
+        grid_space({"space": {"train.lr": []}})
+
+
+def test_unknown_sampler_and_pruner_are_named():
+    with pytest.raises(ValueError, match="'annealing'"):
+        make_sampler("annealing", PAPER_GRID, 0)
+    assert isinstance(make_sampler("grid", PAPER_GRID, 0), optuna.samplers.GridSampler)
+    assert isinstance(make_sampler("tpe", PAPER_GRID, 0), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler("random", PAPER_GRID, 0), optuna.samplers.RandomSampler)
+    with pytest.raises(ValueError, match="'oracle'"):
+        open_study("s", "sqlite:///:memory:", PAPER_GRID, pruner="oracle")
+
+
+def test_unreachable_storage_fails_fast_before_training():
+    ran = []
+    started = time.time()
+    with pytest.raises(StorageUnreachable, match=r"postgresql://127\.0\.0\.1:1/x"):
+        study = open_study("never", "postgresql://127.0.0.1:1/x", PAPER_GRID)
+        run_search(study, OBJECTIVE_PARAMS, lambda p, cb, t: ran.append(p) or {"dev_score": 0.0}, None)
+    assert time.time() - started < 10
+    assert ran == []
+
+
+WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+    from components.search import open_study, run_search
+    from test_search import OBJECTIVE_PARAMS, tiny_train
+    storage, study_name, log_path, barrier, me = sys.argv[2:7]
+    study = open_study(study_name, storage, {"train.lr": [0.01, 0.03, 0.1], "train.batch_size": [8, 16]},
+                       pruner="none", heartbeat=5)
+    open(os.path.join(barrier, me), "w").close()
+    while len(os.listdir(barrier)) < 2:  # both workers start searching together
+        time.sleep(0.05)
+
+    def run_trial(params, callbacks, trial):
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "trial": trial.number, "lr": params["train"]["lr"],
+                                "batch_size": params["train"]["batch_size"]}) + "\\n")
+        metrics = tiny_train(params, callbacks)
+        time.sleep(0.4)  # a trial takes a while, as real ones do
+        return metrics
+
+    run_search(study, OBJECTIVE_PARAMS, run_trial, None)
+""")
+
+
+def test_two_workers_share_one_postgres_study_and_run_every_grid_point_once(pg_database, tmp_path, repo_dir):
+    log_path, barrier = tmp_path / "runs.jsonl", tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(repo_dir)}
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(repo_dir), pg_database, "grid", str(log_path),
+                                 str(barrier), f"w{i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+
+    runs = [json.loads(line) for line in log_path.read_text().splitlines()]
+    points = sorted((r["lr"], r["batch_size"]) for r in runs)
+    assert points == sorted((lr, bs) for lr in (0.01, 0.03, 0.1) for bs in (8, 16)), (runs, outputs)  # each once
+    assert len({r["pid"] for r in runs}) == 2, f"both workers should have run trials: {runs}"
+
+    study = optuna.load_study(study_name="grid", storage=pg_database.replace("postgresql://", "postgresql+psycopg2://"))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 6
+    extra = [t for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
+    assert all(SKIPPED in t.user_attrs for t in extra), extra  # only end-of-grid races, never trained
+    assert summary(study)["complete"] == 6 and summary(study)["best_params"]["train.lr"] == 0.1
+    # Joining the finished study runs nothing more.
+    again = open_study("grid", pg_database, {"train.lr": [0.01, 0.03, 0.1], "train.batch_size": [8, 16]})
+    run_search(again, OBJECTIVE_PARAMS, lambda *a: pytest.fail("the grid is exhausted"), None)
+    # Another grid under the same name is refused, naming the study.
+    with pytest.raises(ValueError, match="'grid'.*another grid"):
+        open_study("grid", pg_database, {"train.lr": [0.5]})
+
+
+def test_a_trial_with_bad_reported_values_is_pruned_through_fit(tmp_path):
+    space = {"train.lr": [0.05, 0.1, 1e-9], "train.batch_size": [16]}
+    study = open_study("prune", f"sqlite:///{tmp_path / 'optuna.db'}", space, sampler="random", pruner="median",
+                       pruner_options={"n_startup_trials": 2, "n_warmup_steps": 0})
+    # Two configurations that learn finish first and set the median at every evaluation step; then one
+    # that does not learn (lr 1e-9) reports worse values and is pruned at its first evaluation.
+    for lr in (0.05, 0.1, 1e-9):
+        study.enqueue_trial({"train.lr": lr, "train.batch_size": 16})
+
+    def run_trial(params, callbacks, trial):
+        assert any(isinstance(c, PruningCallback) for c in callbacks)
+        return tiny_train(params, callbacks)
+
+    run_search(study, OBJECTIVE_PARAMS, run_trial, n_trials=3)
+    good, bad = study.trials[:2], study.trials[2]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert all(sorted(t.intermediate_values) == [3, 6, 9, 12] for t in good)  # evaluations every 3 steps
+    assert bad.params["train.lr"] == 1e-9
+    assert list(bad.intermediate_values) == [3]  # training stopped at its first evaluation
+    assert bad.intermediate_values[3] < min(t.intermediate_values[3] for t in good)
+    assert summary(study)["pruned"] == 1 and summary(study)["best_params"]["train.lr"] == 0.1
+
+
+def test_pruning_callback_continues_steps_across_fits_and_picks_the_metric():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    cb = PruningCallback(trial, metric=None)
+    cb.on_train_begin({})
+    cb.on_evaluate(5, 1, {"dev_p1": 0.2}, True)
+    cb.on_evaluate(10, 2, {"dev_p1": 0.3}, True)
+    cb.on_train_begin({})  # the next relation's fit starts again at step 0
+    cb.on_evaluate(5, 1, {"acc": 0.5, "f1": 0.7}, True)  # no single metric: their mean
+    assert cb.reported == [(5, 0.2), (10, 0.3), (15, 0.6)]
+    with pytest.raises(KeyError, match="dev_p1"):
+        PruningCallback(trial, metric="dev_p1").on_evaluate(1, 0, {"acc": 0.1}, True)
+
+
+KILLED_WORKER = textwrap.dedent("""
+    import os, signal, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from components.search import open_study, run_search
+    study = open_study("crash", sys.argv[2], {"train.lr": [0.01, 0.03, 0.1]}, pruner="none", heartbeat=1, grace=2)
+
+    def run_trial(params, callbacks, trial):
+        time.sleep(1.5)  # the heartbeat has been recorded
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-trial
+
+    run_search(study, {"train": {"lr": 0.0}}, run_trial, None)
+""")
+
+
+def test_a_killed_workers_grid_point_is_requeued_and_run_by_another(tmp_path, repo_dir):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    dead = subprocess.run([sys.executable, "-c", KILLED_WORKER, str(repo_dir), storage], capture_output=True, text=True,
+                          timeout=60)
+    assert dead.returncode == -9, dead.stderr[-2000:]
+    time.sleep(2.5)  # past the grace period: its trial is stale
+    ran = []
+    study = open_study("crash", storage, {"train.lr": [0.01, 0.03, 0.1]}, pruner="none", heartbeat=1, grace=2)
+    run_search(study, {"train": {"lr": 0.0}}, lambda p, cb, t: ran.append(p["train"]["lr"]) or {"dev_score": p["train"]["lr"]},
+               None)
+    assert sorted(ran) == [0.01, 0.03, 0.1]  # the dead worker's point ran again, the others once
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 3
+    retried = [t for t in study.trials if "retry_of" in t.user_attrs]
+    assert len(retried) == 1 and retried[0].user_attrs["retry_of"] == 0
+    assert retried[0].params == study.trials[0].params
