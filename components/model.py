@@ -39,9 +39,12 @@ class PromptEncoder(nn.Module):
 
     def forward(self) -> torch.Tensor:
         h = self.embedding.weight
-        if self.lstm is not None:
-            h = self.lstm(h.unsqueeze(0))[0].squeeze(0)
-        return self.mlp(h) if self.mlp is not None else h
+        # n_tokens rows: fp32 costs nothing, keeps the one trained part of P-tuning exact, and keeps the LSTM out of
+        # autocast (CPU bf16 autocast has no oneDNN LSTM without AVX512-BF16/AMX and fails).
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            if self.lstm is not None:
+                h = self.lstm(h.unsqueeze(0))[0].squeeze(0)
+            return self.mlp(h) if self.mlp is not None else h
 
     def config(self) -> dict:
         return {"n_tokens": self.n_tokens, "dim": self.dim, "kind": self.kind,

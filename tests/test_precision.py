@@ -40,16 +40,11 @@ _WORDS = ("Paris", "London", "Berlin", "Rome", "Madrid", "Vienna", "Prague", "Du
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerator_state_one_thread():
-    """accelerate keeps one process-wide AcceleratorState: a second `fit` with another precision raises
-    "AcceleratorState has already been initialized and cannot be changed" (see test_precision_can_change_in_one_process).
-    Reset it around every test so the tests here do not depend on what ran before them."""
-    _reset_accelerate()
+def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster than two that wait on each other
     yield
     torch.set_num_threads(threads)
-    _reset_accelerate()
 
 
 def _task(lm, n_items: int = 32):
@@ -100,18 +95,9 @@ class _DtypeProbe:
         self.handle = linear.register_forward_hook(lambda mod, inp, out: self.seen.append(out.dtype))
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _train(name: str, precision: str, freeze: bool = True, grad_accum: int = 1, steps: int = 4, lr: float = 1e-2,
-           lm=None, no_dropout: bool = False, encoder_kind: str = "lstm", reset: bool = True):
+           lm=None, no_dropout: bool = False, encoder_kind: str = "lstm"):
     """A fresh prompt encoder (seeded) on a copy of `name`'s LM, trained `steps` steps of batch 8 by fit."""
-    if reset:
-        _reset_accelerate()
     lm = lm or load_lm(name)
     lm_model = copy.deepcopy(lm.model)
     if no_dropout:
@@ -143,28 +129,9 @@ def _rel(a: float, b: float) -> float:
 
 # --- (a) bf16 autocast gives fp32's results ---------------------------------------------------------------
 
-def _cpu_lstm_runs_in_bf16() -> bool:
-    """oneDNN has a bf16 LSTM only on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere an nn.LSTM under CPU
-    bf16 autocast fails with 'could not create a primitive descriptor for the LSTM forward propagation primitive'."""
-    lstm = nn.LSTM(8, 4, bidirectional=True, batch_first=True)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            lstm(torch.zeros(1, 2, 8))
-        return True
-    except RuntimeError:
-        return False
-
-
-LSTM_BF16_XFAIL = pytest.mark.xfail(
-    not _cpu_lstm_runs_in_bf16(), raises=RuntimeError, strict=False,
-    reason="this CPU has no oneDNN bf16 LSTM and PromptEncoder runs its LSTM under the caller's autocast: "
-           "precision='bf16' crashes with the paper's LSTM encoder. Fix (components/model.py): run "
-           "PromptEncoder.forward with autocast disabled, in fp32 (see benchmarks/RESULTS.md)")
-
-
 @pytest.mark.parametrize("name, encoder_kind", [
     ("tiny-bert", "mlp"), ("tiny-gpt2", "mlp"),
-    pytest.param("tiny-bert", "lstm", marks=LSTM_BF16_XFAIL), pytest.param("tiny-gpt2", "lstm", marks=LSTM_BF16_XFAIL)])
+    ("tiny-bert", "lstm"), ("tiny-gpt2", "lstm")])
 def test_bf16_matches_fp32_within_tolerance(name, encoder_kind):
     lm = load_lm(name)
     _, fp32_losses, fp32_dev, fp32_seen, fp32_moved = _train(name, "fp32", lm=lm, encoder_kind=encoder_kind)
@@ -183,14 +150,11 @@ def test_bf16_matches_fp32_within_tolerance(name, encoder_kind):
     assert cos > BF16_MIN_COS, f"bf16 and fp32 updates of the prompt vectors differ: cosine {cos:.4f}"
 
 
-@pytest.mark.xfail(reason="components.training.make_accelerator builds a new Accelerator per fit, but accelerate's "
-                          "AcceleratorState is process-wide and refuses a different mixed_precision: reset it in "
-                          "make_accelerator (see benchmarks/RESULTS.md)", raises=ValueError, strict=False)
 def test_precision_can_change_in_one_process():
     """An Optuna worker or a notebook that runs fit(precision='fp32') and then fit(precision='bf16')."""
     lm = load_lm("tiny-bert")
     _train("tiny-bert", "fp32", lm=lm, steps=1, encoder_kind="mlp")
-    _train("tiny-bert", "bf16", lm=lm, steps=1, encoder_kind="mlp", reset=False)  # as fit is called for real
+    _train("tiny-bert", "bf16", lm=lm, steps=1, encoder_kind="mlp")  # fit must cope with the process-wide accelerate state
 
 
 # --- (b) gradient accumulation is one big batch ------------------------------------------------------------
@@ -215,8 +179,7 @@ def test_grad_accum_matches_one_batch(name, freeze):
 
 # --- (c) a frozen LM keeps no gradients and does not change --------------------------------------------------
 
-@pytest.mark.parametrize("precision, encoder_kind", [("fp32", "lstm"), ("bf16", "mlp"),
-                                                     pytest.param("bf16", "lstm", marks=LSTM_BF16_XFAIL)])
+@pytest.mark.parametrize("precision, encoder_kind", [("fp32", "lstm"), ("bf16", "mlp"), ("bf16", "lstm")])
 def test_frozen_lm_keeps_no_gradients(precision, encoder_kind):
     lm = load_lm("tiny-bert")
     template, items, lengths, batch_of, loss_fn, evaluate = _task(lm)
