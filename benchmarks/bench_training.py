@@ -42,8 +42,8 @@ The ratio column is ours/PEFT in examples/s for the same model, mode and batch.
 Every case runs in a fresh subprocess by default (clean peak-memory figures; no allocator state carried over).
 On a shared CPU machine, `--threads 1 --repeats 2` gives steadier figures; the CPU-time columns (process CPU
 time per step) measure the work done whatever else runs; `--ab` goes further for a diagnosis: both sides
-in one process, their steps alternating, per-phase minimum times. `--fused-optimizer` is a what-if: fit() with
-Adam(fused=True), the change recommended in benchmarks/RESULTS.md (it applies to both sides alike).
+in one process, their steps alternating, per-phase minimum times. Both sides use fit()'s optimizer, fused
+Adam (the same code on both sides).
 
     python benchmarks/bench_training.py --small                      # CPU, reduced-depth configs, a few minutes
     python benchmarks/bench_training.py --device cuda                # the paper-sized models, on a GPU
@@ -308,30 +308,6 @@ class _RssSampler:
 
 # --- one case -----------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _fused_optimizers(enabled: bool):
-    """What-if for the change recommended in benchmarks/RESULTS.md: fit() building Adam/AdamW with fused=True."""
-    import torch
-
-    if not enabled:
-        yield
-        return
-    saved = torch.optim.Adam, torch.optim.AdamW
-
-    def fused(base):
-        class Fused(base):
-            def __init__(self, params, **kwargs):
-                super().__init__(params, **{"fused": True, **kwargs})
-        Fused.__name__ = base.__name__
-        return Fused
-
-    torch.optim.Adam, torch.optim.AdamW = fused(saved[0]), fused(saved[1])
-    try:
-        yield
-    finally:
-        torch.optim.Adam, torch.optim.AdamW = saved
-
-
 def run_case(case: dict) -> dict:
     device = case["device"]
     if device == "cpu":  # fit() picks CUDA whenever it sees one (honoured in a fresh worker process)
@@ -418,7 +394,7 @@ def run_case(case: dict) -> dict:
     base_rss = _rss_bytes()
     use_hwm = not cuda and _reset_hwm() and _hwm_bytes() is not None
     sampler = _RssSampler() if not cuda and not use_hwm else contextlib.nullcontext()
-    with sampler, _fused_optimizers(case.get("fused_optimizer", False)):
+    with sampler:
         result = fit(model, items, lengths, counting_collate, loss_fn, lambda m: {"score": 0.0}, config,
                      select=("score",), callbacks=[timer])
     if result.steps != warmup + steps:
@@ -492,8 +468,7 @@ def run_ab(model_name: str, mode: str, args, device: str) -> dict:
                                                               6 if causal else 9)
         model.to(device).train()
         optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        extra = {"fused": True} if args.fused_optimizer else {}
-        sides[impl] = (model, items, collate_fn, loss_fn, optimizer_cls(_param_groups(model, config), **extra))
+        sides[impl] = (model, items, collate_fn, loss_fn, optimizer_cls(_param_groups(model, config), fused=True))
 
     def now():
         if cuda:
@@ -603,8 +578,6 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="as TrainConfig.precision: auto = bf16 autocast on a CUDA device that has it")
     parser.add_argument("--seed", type=int, default=34)
-    parser.add_argument("--fused-optimizer", action="store_true",
-                        help="what-if: fit() with Adam(fused=True), the change recommended in RESULTS.md")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every case this many times, ours and PEFT alternating, and keep each case's "
@@ -651,7 +624,7 @@ def main(argv=None) -> int:
     warmup = max(1, args.warmup if args.warmup is not None else (1 if args.small else 5))
     cases = [dict(model=m, mode=mode, batch_size=b, impl=impl, device=device, steps=steps, warmup=warmup,
                   grad_accum=args.grad_accum, encoder=args.encoder, precision=args.precision, seed=args.seed,
-                  threads=args.threads, fused_optimizer=args.fused_optimizer, repeat=r)
+                  threads=args.threads, repeat=r)
              for m in models for mode in args.modes for b in batches for r in range(args.repeats)
              for impl in args.impls]
     print(f"{len(cases)} cases on {device} ({'isolated' if not args.no_isolate else 'in-process'}), "

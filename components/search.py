@@ -32,6 +32,7 @@ import optuna
 from optuna.trial import TrialState
 
 from components.params import apply_overrides
+from components.stores import DatabaseUnreachable, check_database, normalise_url
 from components.training import Callback
 
 log = logging.getLogger(__name__)
@@ -164,48 +165,14 @@ def _redact(url: str) -> str:
         return url
 
 
-def normalise_url(url: str) -> str:
-    """`postgresql://` means psycopg (v3) to SQLAlchemy 2.1; use psycopg2 when only that is installed."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-            return "postgresql+psycopg2://" + url.split("://", 1)[1]
-    return url
-
-
 def check_storage(url: str, timeout: float = 5) -> None:
     """Open (and close) one connection to the storage, or raise StorageUnreachable naming it."""
-    import sqlalchemy
-
-    shown, url = _redact(url), normalise_url(url)
     try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except Exception as error:
-        raise StorageUnreachable(f"Optuna storage {url!r} is not a database URL ({error}); "
-                                 f"use e.g. {DEFAULT_STORAGE} or postgresql://user@host:5432/db") from None
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        path = parsed.database
-        if path and path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise StorageUnreachable(f"Optuna storage {shown} is unreachable: directory "
-                                     f"{os.path.dirname(os.path.abspath(path))} does not exist")
-    connect_args = {}
-    if backend in ("postgresql", "mysql", "mariadb"):
-        connect_args = {"connect_timeout": max(1, int(math.ceil(timeout)))}
-    elif backend == "sqlite":
-        connect_args = {"timeout": timeout}
-    try:
-        engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    except Exception as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
-        raise StorageUnreachable(f"Optuna storage {shown} is unreachable: {reason[0] if reason else type(error).__name__} "
-                                 "(is the database server running, and does the database exist?)") from None
+        check_database(url, timeout)
+    except DatabaseUnreachable as reason:
+        raise StorageUnreachable(f"Optuna storage {_redact(url)} is unreachable: {reason} (is the database server "
+                                 f"running, and does the database exist? e.g. {DEFAULT_STORAGE} or "
+                                 "postgresql://user@host:5432/db)") from None
 
 
 def _rdb_storage(url: str, heartbeat: int | None, grace: int | None, max_retry: int) -> optuna.storages.RDBStorage:

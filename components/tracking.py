@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -40,6 +39,7 @@ from urllib.parse import urlparse
 import mlflow
 import mlflow.pyfunc
 
+from components.stores import DatabaseUnreachable, check_database
 from components.training import Callback
 
 log = logging.getLogger(__name__)
@@ -120,35 +120,10 @@ def check_reachable(uri: str, timeout: float = 5) -> None:
 
 
 def _check_database(uri: str, timeout: float) -> None:
-    import importlib.util
-
-    import sqlalchemy
-
-    url = uri
-    if uri.startswith(("postgresql://", "postgres://")) and importlib.util.find_spec("psycopg") is None:
-        url = "postgresql+psycopg2://" + uri.split("://", 1)[1]
     try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except Exception as error:
-        raise _unreachable(uri, f"not a database URL ({error})") from None
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        path = parsed.database
-        if path and path != ":memory:" and not Path(path).expanduser().resolve().parent.is_dir():
-            raise _unreachable(uri, f"directory {Path(path).expanduser().resolve().parent} does not exist")
-        args = {"timeout": timeout}
-    else:
-        args = {"connect_timeout": max(1, int(math.ceil(timeout)))}
-    try:
-        engine = sqlalchemy.create_engine(url, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    except Exception as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
-        raise _unreachable(uri, reason[0] if reason else type(error).__name__) from None
+        check_database(uri, timeout)
+    except DatabaseUnreachable as reason:
+        raise _unreachable(uri, str(reason)) from None
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from components.catalog import load_lm
 from components.cli import main

@@ -3,7 +3,6 @@ per-step metrics, git and DVC data-version tags, a registered prompt served thro
 `mlflow models predict` CLI with the same predictions as the components code."""
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
