@@ -203,9 +203,8 @@ def main_materialise(mirror: str | None, out: str, from_upstream: bool = False) 
                        timeout=float(load_params("data")["upstream_timeout_s"]))
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """One JSON object per line; blank lines are skipped. Errors name the file and line."""
-    required = tuple(required)
+def numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name the file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -217,11 +216,18 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
                 raise DataError(f"{path}:{line_no}: invalid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            missing = [name for name in required if name not in row]
-            if missing:
-                raise DataError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
+            rows.append((line_no, row))
     return rows
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """One JSON object per line; blank lines are skipped. Errors name the file and line."""
+    rows = numbered_jsonl(path)
+    for line_no, row in rows:
+        missing = [name for name in required if name not in row]
+        if missing:
+            raise DataError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
+    return [row for _, row in rows]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:

@@ -53,7 +53,7 @@ from torch import nn
 
 from components.metrics import primary_score, task_metrics
 from components.model import PromptedLM, PromptEncoder, export_prompt
-from components.sources import DataError, write_jsonl
+from components.sources import DataError, numbered_jsonl, write_jsonl
 from components.templates import Encoded, Template, TemplateError, collate, encode, parse_template
 from components.training import Callback, TrainConfig, fit, seed_everything
 
@@ -239,19 +239,7 @@ def task_spec(name: str) -> TaskSpec:
 def _rows(path: Path) -> list[tuple[int, dict]]:
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: a row must be a JSON object, got {type(row).__name__}")
-            rows.append((line_no, row))
-    return rows
+    return numbered_jsonl(path)
 
 
 def read_examples(spec: TaskSpec, path: str | Path) -> list[Example]:
