@@ -109,7 +109,10 @@ def check_reachable(uri: str, timeout: float = 5) -> None:
                 raise _unreachable(uri, f"{type(reason).__name__}: {reason}") from None
         raise _unreachable(uri, f"it does not answer as an MLflow server ({last})")
     if scheme.startswith(("sqlite", "postgresql", "postgres", "mysql", "mssql")):
-        _check_database(uri, timeout)
+        try:
+            check_database(uri, timeout)
+        except DatabaseUnreachable as reason:
+            raise _unreachable(uri, str(reason)) from None
         return
     if scheme in ("", "file"):
         path = Path(parsed.path if scheme == "file" else uri).expanduser().resolve()
@@ -117,13 +120,6 @@ def check_reachable(uri: str, timeout: float = 5) -> None:
             raise _unreachable(uri, f"neither {path} nor its directory exists")
         return
     log.info("tracking URI %s: no reachability check for scheme %r", _redact(uri), scheme)
-
-
-def _check_database(uri: str, timeout: float) -> None:
-    try:
-        check_database(uri, timeout)
-    except DatabaseUnreachable as reason:
-        raise _unreachable(uri, str(reason)) from None
 
 
 # --- helpers ------------------------------------------------------------------------------------
