@@ -32,6 +32,7 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -227,23 +228,30 @@ def prepare_data(stages: list[str]) -> dict:
     logger = get_run_logger()
     if not (REPO / "dvc.yaml").exists():
         raise FileNotFoundError(f"{REPO / 'dvc.yaml'} not found: the flow runs the DVC stages of its repository")
-    # Concurrent flow runs (lama and superglue served side by side) queue on DVC's repository lock.
+    # Flow runs served side by side (lama and superglue) take turns: DVC's --wait-for-lock waits for the
+    # repository lock only, and a second `dvc repro` still fails on the first one's lock of the shared stages'
+    # outputs ("'data/raw' is busy").
+    lock_path = REPO / ".dvc" / "tmp" / "ptuning-repro.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     command = [_tool("dvc"), "--wait-for-lock", "repro", *stages]
-    logger.info("data preparation: %s (in %s)", " ".join(["dvc", "repro", *stages]), REPO)
-    process = subprocess.Popen(command, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    tail = []
-    for line in process.stdout:
-        line = line.rstrip()
-        if line:
-            tail = (tail + [line])[-40:]
-            if len(line) < 400:  # the prepare stages print a long JSON summary as their last line
-                logger.info("dvc: %s", line)
-    if process.wait() != 0:
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        logger.info("data preparation: %s (in %s)", " ".join(["dvc", "repro", *stages]), REPO)
+        process = subprocess.Popen(command, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        tail = []
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                tail = (tail + [line])[-40:]
+                if len(line) < 400:  # the prepare stages print a long JSON summary as their last line
+                    logger.info("dvc: %s", line)
+        returncode = process.wait()
+    if returncode != 0:
         message = "\n".join(tail)
-        if "unable to acquire lock" in message.lower():  # another DVC process holds the repository: retried
-            raise RuntimeError(f"dvc repro {' '.join(stages)}: the repository is locked by another DVC process\n{message}")
-        raise ValueError(f"dvc repro {' '.join(stages)} failed (exit {process.returncode}):\n{message}")
+        if "unable to acquire lock" in message.lower() or "is busy" in message:  # a DVC process outside the flow
+            raise RuntimeError(f"dvc repro {' '.join(stages)}: another DVC process holds the repository (retried)\n{message}")
+        raise ValueError(f"dvc repro {' '.join(stages)} failed (exit {returncode}):\n{message}")
     version = data_version(stages)
     logger.info("data version %s", stable_hash(version))
     return version
