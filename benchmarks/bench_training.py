@@ -440,7 +440,7 @@ def run_ab(model_name: str, mode: str, args, device: str) -> dict:
     first (warm-up) one."""
     import torch
 
-    from components.training import TrainConfig, _param_groups, make_accelerator
+    from components.training import TrainConfig, make_accelerator, make_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -467,8 +467,7 @@ def run_ab(model_name: str, mode: str, args, device: str) -> dict:
             model, items, _, collate_fn, loss_fn = build_peft(lm, tokenizer, causal, facts, args.encoder, freeze,
                                                               6 if causal else 9)
         model.to(device).train()
-        optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        sides[impl] = (model, items, collate_fn, loss_fn, optimizer_cls(_param_groups(model, config), fused=True))
+        sides[impl] = (model, items, collate_fn, loss_fn, make_optimizer(model, config))
 
     def now():
         if cuda:

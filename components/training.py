@@ -117,7 +117,6 @@ def seed_everything(seed: int) -> None:
 
 def make_accelerator(precision: str):
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState, GradientState
 
     use_bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -130,6 +129,14 @@ def make_accelerator(precision: str):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam/AdamW over the prompt encoder and, when it trains, the LM (its own lr; no decay on biases and norms).
+    fused: one kernel per step instead of ~10 passes over every parameter and no transient copies
+    (CPU, SmolLM2-135M joint: 830 -> 95 ms per optimizer step); CUDA has it as well."""
+    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_cls(_param_groups(model, config), fused=True)
 
 
 def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
@@ -183,10 +190,7 @@ def fit(
         raise ValueError("nothing to train: every parameter is frozen")
     seed_everything(config.seed)
     accelerator = make_accelerator(config.precision)
-    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    # fused: one kernel per step instead of ~10 passes over every parameter and no transient copies
-    # (CPU, SmolLM2-135M joint: 830 -> 95 ms per optimizer step); CUDA has it as well.
-    optimizer = optimizer_cls(_param_groups(model, config), fused=True)
+    optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_items) / config.batch_size)
     total_steps = min(config.max_steps or math.inf, config.epochs * steps_per_epoch)
     scheduler = _schedule(optimizer, config, total_steps, steps_per_epoch)
