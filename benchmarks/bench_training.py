@@ -77,7 +77,7 @@ SHARED = Path(os.environ.get("PTUNING_SHARED", REPO.parent / "shared")).resolve(
 # --- models ------------------------------------------------------------------------------------------------
 
 # `small:NAME`: the catalogue's configuration of NAME (random:NAME, or the real SmolLM2's), same widths and
-# vocabulary, reduced depth, random weights: CPU runs of a few minutes. Everything else is components.catalog's.
+# vocabulary, reduced depth, random weights: CPU runs of a few minutes. Everything else is components.models.catalog's.
 SMALL_LAYERS = {"bert-base-cased": 2, "bert-large-cased": 4, "albert-xxlarge-v2": 1, "gpt2": 2, "gpt2-medium": 4,
                 "smollm2-135m": 5}
 FULL_MODELS = ["random:bert-base-cased", "random:bert-large-cased", "random:albert-xxlarge-v2", "random:gpt2",
@@ -92,11 +92,11 @@ PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200"
 
 def load_model(name: str):
     """(model, tokenizer, causal, source) for a catalogue name, or `small:NAME` (see SMALL_LAYERS)."""
-    from components.catalog import CATALOGUE, load_lm, load_tokenizer, model_dir
+    from components.models.catalog import CATALOGUE, load_lm, load_tokenizer, model_dir
 
     if not name.startswith("small:"):
         lm = load_lm(name)
-        return lm.model, lm.tokenizer, lm.causal, "components.catalog.load_lm"
+        return lm.model, lm.tokenizer, lm.causal, "components.models.catalog.load_lm"
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -173,8 +173,8 @@ def build_ours(lm, tokenizer, causal: bool, facts, encoder: str, freeze: bool):
     import torch
     from torch import nn
 
-    from components.model import PromptedLM, PromptEncoder
-    from components.templates import collate, encode, parse_template
+    from components.method.model import PromptedLM, PromptEncoder
+    from components.method.templates import collate, encode, parse_template
 
     template = parse_template("[P*3] {sub} [P*3] [Y]" if causal else "[P*3] {sub} [P*3] [Y] [P*3]", fields=("sub",))
     items = [(encode(template, tokenizer, {"sub": s}, causal, target_ids=[t]), t) for s, t in facts]

@@ -1,53 +1,64 @@
-"""`ptuning`: the command-line face. DVC stages and the README call it; flows call the same functions.
+"""`ptuning`: the command-line face. DVC stages and the README call it; the flows call the same functions.
 
     ptuning prepare data|lama|fewglue     materialise and prepare the data (DVC stages)
     ptuning models prepare NAME            fetch/convert a catalogue model into the local cache
     ptuning train lama|superglue ...       train and evaluate one configuration, print its metrics as JSON
+
+Exit codes: 0 done, 2 bad input (a one-line message, nothing written), 3 the output directory is busy,
+4 the disk is full.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 
-BENCHMARKS = {"lama": "components.lama", "superglue": "components.superglue"}
+from components.benchmarks import REGISTRY, get_benchmark
+
+# flag -> the parameter it sets (the same as --set KEY=VALUE)
+TRAIN_FLAGS = {"task": "task", "model": "model", "method": "method", "steps": "train.max_steps",
+               "eval_every": "train.eval_every", "lr": "train.lr", "seed": "train.seed"}
+
+
+def default_output_dir(config) -> Path:
+    params = config.params
+    return Path("outputs") / config.benchmark / str(params["task"]) / str(params["model"]).replace("/", "_") / params["method"]
 
 
 def _train(args) -> dict:
-    from components.params import apply_overrides, load_params
+    from components.config import parse_pairs
+    from components.run_config import check_writable, resolve
+    from components.run_dir import execute
     from components.training import LogProgress
 
-    overrides = {k: v for k, v in {"task": args.task, "model": args.model, "method": args.method}.items() if v is not None}
-    if args.benchmark == "lama" and args.vocab:
-        overrides["vocab"] = args.vocab
-    if args.benchmark == "superglue" and args.setting:
-        overrides["setting"] = args.setting
-    for flag, key in (("steps", "train.max_steps"), ("seed", "train.seed"), ("lr", "train.lr"), ("eval_every", "train.eval_every")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    params = apply_overrides(load_params(args.benchmark, overrides), args.set)
-    module = importlib.import_module(BENCHMARKS[args.benchmark])
-    output_dir = Path(args.output_dir or Path("outputs") / args.benchmark / str(params["task"]) /
-                      str(params["model"]).replace("/", "_") / params["method"])
-    return module.run(params, output_dir, callbacks=[LogProgress(every=args.log_every)])
+    spec = get_benchmark(args.benchmark)
+    overrides = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    overrides.update(spec.cli_overrides(args))
+    overrides.update(parse_pairs(args.set))
+    config = resolve(args.benchmark, overrides)
+    output_dir = check_writable(args.output_dir or config.root / default_output_dir(config))
+    metrics, reused = execute(config, output_dir, [LogProgress(every=args.log_every)], restart=args.restart)
+    if reused:
+        logging.getLogger("components").info("%s holds the finished run of these settings: read back", output_dir)
+    return metrics
 
 
 def _prepare(args) -> dict:
+    from components.config import project_root
+
+    root = project_root()
     if args.what == "data":
-        from components.sources import main_materialise
+        from components.data.sources import main_materialise
         return main_materialise(args.mirror, args.out or "data/raw", from_upstream=args.from_upstream)
-    if args.what == "lama":
-        from components.lama_data import prepare
-        return prepare(raw=args.raw, out=args.out or "data/lama", tokenizers=args.tokenizers)
-    from components.superglue import prepare
-    return prepare(raw=args.raw, out=args.out or "data/fewglue", seed=args.seed)
+    name = {"lama": "lama", "fewglue": "superglue"}[args.what]
+    out = Path(args.out or f"data/{args.what}")
+    return get_benchmark(name).prepare(Path(args.raw), out, root)
 
 
 def _models(args) -> dict:
-    from components.catalog import model_dir
+    from components.models.catalog import model_dir
     return {"model": args.name, "path": str(model_dir(args.name))}
 
 
@@ -61,8 +72,6 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--from-upstream", action="store_true", help="download from the upstream sources instead")
     prep.add_argument("--raw", default="data/raw")
     prep.add_argument("--out")
-    prep.add_argument("--tokenizers", help="directory with bert-base-cased/ and gpt2/ tokenizers")
-    prep.add_argument("--seed", type=int, default=42, help="fewglue: seed of the dev32 sampling")
     prep.set_defaults(run=_prepare)
 
     models = sub.add_parser("models", help="model catalogue")
@@ -71,24 +80,29 @@ def parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_models)
 
     train = sub.add_parser("train", help="train and evaluate one configuration")
-    train.add_argument("benchmark", choices=sorted(BENCHMARKS))
-    train.add_argument("--task", help="LAMA relation (P19, P19,P36, all) or SuperGLUE task (rte, cb, ...)")
-    train.add_argument("--model")
-    train.add_argument("--method")
-    train.add_argument("--vocab", choices=("29k", "34k"), help="LAMA vocabulary")
-    train.add_argument("--setting", choices=("fewshot", "full"), help="SuperGLUE setting")
-    train.add_argument("--steps", type=int, help="maximum optimizer steps")
-    train.add_argument("--eval-every", type=int, help="steps between evaluations (default: every epoch)")
-    train.add_argument("--lr", type=float, help="prompt-encoder learning rate")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--output-dir")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any parameter, e.g. train.batch_size=16")
-    train.add_argument("--log-every", type=int, default=10)
-    train.set_defaults(run=_train)
+    bench = train.add_subparsers(dest="benchmark", required=True)
+    for name in REGISTRY:
+        b = bench.add_parser(name, help=f"{name}: params/{name}.yaml")
+        b.add_argument("--task", help="LAMA relation (P19, P19,P36, all) or SuperGLUE task (rte, cb, ...)")
+        b.add_argument("--model")
+        b.add_argument("--method")
+        get_benchmark(name).add_cli_options(b)
+        b.add_argument("--steps", type=int, help="maximum optimizer steps (train.max_steps)")
+        b.add_argument("--eval-every", type=int, help="steps between evaluations (train.eval_every)")
+        b.add_argument("--lr", type=float, help="prompt-encoder learning rate (train.lr)")
+        b.add_argument("--seed", type=int, help="train.seed")
+        b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any parameter of params/<benchmark>.yaml, e.g. train.batch_size=16 (values are YAML)")
+        b.add_argument("--output-dir", help="default: outputs/<benchmark>/<task>/<model>/<method>")
+        b.add_argument("--restart", action="store_true", help="discard a run of other settings in --output-dir")
+        b.add_argument("--log-every", type=int, default=10)
+        b.set_defaults(run=_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from components.run_dir import RunDirBusy
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     args = parser().parse_args(argv)
     try:
@@ -96,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # bad input: a clear message, no traceback
         print(f"ptuning: error: {error}", file=sys.stderr)
         return 2
+    except RunDirBusy as error:
+        print(f"ptuning: error: {error}", file=sys.stderr)
+        return 3
     print(json.dumps(result, default=str))  # the last line: machine-readable figures
     return 0
 

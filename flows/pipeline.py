@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-# Library progress (components.training's LogProgress, components.search) goes to Prefect's handlers:
+# Library progress (components.training's LogProgress, components.mlops.search) goes to Prefect's handlers:
 # the terminal and the run's logs in the UI. Must be set before prefect is imported (see _bridge_logs too).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 
@@ -194,7 +194,7 @@ def train_once(benchmark: str, params: dict, output_dir: Path, callbacks: list, 
 def load_benchmark_params(benchmark: str, combo: dict, overrides: dict | None) -> dict:
     """params/<benchmark>.yaml with the combination (task, model, method, vocab/setting) and the user's
     dotted overrides applied; relative data paths made absolute."""
-    from components.params import load_params
+    from components.config import load_params
 
     fixed = {"task": combo["task"], "model": combo["model"], "method": combo["method"]}
     if combo.get("vocab") is not None:
@@ -212,8 +212,8 @@ def load_benchmark_params(benchmark: str, combo: dict, overrides: dict | None) -
 @task(name="check-services", cache_policy=NO_CACHE)
 def check_services(tracking_uri: str, storage: str) -> dict:
     """Fail before any work when MLflow or the Optuna storage does not answer."""
-    from components.search import check_storage
-    from components.tracking import check_reachable
+    from components.mlops.search import check_storage
+    from components.mlops.tracking import check_reachable
 
     check_reachable(tracking_uri)  # TrackingUnreachable / StorageUnreachable name the URL and what to do
     check_storage(storage)
@@ -258,7 +258,7 @@ def prepare_data(stages: list[str]) -> dict:
 
 
 def _tracker(spec: dict):
-    from components.tracking import Tracker
+    from components.mlops.tracking import Tracker
 
     return Tracker(spec["tracking_uri"], spec["experiment"], log_every=spec["log_every"], project_dir=REPO)
 
@@ -341,7 +341,7 @@ def search(spec: dict) -> dict:
 @task(name="final-train", cache_policy=CACHED, **RETRIES)
 def final_train(spec: dict, best_params: dict, seed: int, parent_run_id: str) -> dict:
     """Train with the best trial's parameters and `seed`; a nested MLflow run under the parent."""
-    from components.params import apply_overrides
+    from components.config import apply_overrides
 
     logger = get_run_logger()
     _bridge_logs()
@@ -398,7 +398,7 @@ def evaluate(spec: dict, finals: list[dict], parent_run_id: str) -> dict:
 def register(spec: dict, best_final: dict, evaluation: dict) -> list[dict]:
     """Register the best seed's prompt(s) as a new version of `ptuning-<benchmark>-<task>-<model>`, alias
     champion, logged from the final run that trained it."""
-    from components.tracking import registered_name
+    from components.mlops.tracking import registered_name
 
     logger = get_run_logger()
     prompts = best_final["metrics"].get("prompts") or {}
@@ -432,9 +432,9 @@ def register(spec: dict, best_final: dict, evaluation: dict) -> list[dict]:
 def _plan(benchmark: str, tasks, models, methods, vocab, setting, seeds, n_trials, search_space, overrides,
           experiment, tracking_uri, storage, outputs_dir, sampler) -> tuple[dict, list[dict]]:
     """Resolve the parameters against params/*.yaml: the run's settings and one spec per combination."""
-    from components.params import load_params
-    from components.search import grid_space, storage_url
-    from components.tracking import tracking_uri as default_tracking_uri
+    from components.config import load_params
+    from components.mlops.search import grid_space, storage_url
+    from components.mlops.tracking import tracking_uri as default_tracking_uri
 
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
@@ -477,7 +477,7 @@ def _plan(benchmark: str, tasks, models, methods, vocab, setting, seeds, n_trial
                 params = load_benchmark_params(benchmark, combo, overrides)
                 key = stable_hash({"params": params, "space": space, "sampler": search_settings["sampler"],
                                    "seed": search_settings["seed"]}, 8)
-                from components.search import study_name
+                from components.mlops.search import study_name
 
                 name = study_name(benchmark, task_name, model, method, key)
                 specs.append({

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PTUNING_SHARED", REPO.parent / "shared")).resolve()
+os.environ.setdefault("PTUNING_TOKENIZERS", str(SHARED / "tokenizers"))
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +31,7 @@ def repo_dir() -> Path:
 @pytest.fixture(scope="session")
 def raw_data_dir(tmp_path_factory, shared_dir) -> Path:
     """The mirror materialised as the `materialise` stage does it (checksums verified)."""
-    from components.sources import materialise
+    from components.data.sources import materialise
 
     out = tmp_path_factory.mktemp("data") / "raw"
     materialise(shared_dir / "data", out)
@@ -40,8 +41,8 @@ def raw_data_dir(tmp_path_factory, shared_dir) -> Path:
 @pytest.fixture(scope="session")
 def lama_data_dir(raw_data_dir, shared_dir) -> Path:
     """data/lama as the `prepare_lama` stage writes it; `.stats` holds its stats."""
-    from components.lama_data import prepare
-    from components.params import load_params
+    from components.benchmarks.lama.prepare import prepare
+    from components.config import load_params
 
     out = raw_data_dir.parent / "lama"
     prepare(raw_data_dir, out, tokenizers=shared_dir / "tokenizers", params=load_params("data"))

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from components import catalog
-from components.catalog import CATALOGUE, UnknownModelError, load_lm, load_tokenizer, model_dir
-from components.model import PromptEncoder, PromptedLM
-from components.templates import collate, encode, parse_template
+import components.models.catalog as catalog
+from components.models.catalog import CATALOGUE, UnknownModelError, load_lm, load_tokenizer, model_dir
+from components.method.model import PromptEncoder, PromptedLM
+from components.method.templates import collate, encode, parse_template
 
 TINY = {"tiny-bert": ("BertForMaskedLM", False), "tiny-roberta": ("RobertaForMaskedLM", False),
         "tiny-albert": ("AlbertForMaskedLM", False), "tiny-gpt2": ("GPT2LMHeadModel", True)}

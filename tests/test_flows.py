@@ -170,7 +170,7 @@ def check_registration(stack: dict, experiment: str, benchmark: str, task: str, 
     import optuna
     from mlflow import MlflowClient
 
-    from components.tracking import registered_name
+    from components.mlops.tracking import registered_name
 
     mlflow.set_tracking_uri(stack["mlflow"])  # models:/ URIs resolve through the global registry URI
     mlflow.set_registry_uri(stack["mlflow"])
@@ -270,8 +270,8 @@ def test_plan_resolves_params_files_and_overrides(tmp_path):
 
 
 def test_unreachable_stores_fail_first_with_a_clear_error(tmp_path):
-    from components.search import StorageUnreachable
-    from components.tracking import TrackingUnreachable
+    from components.mlops.search import StorageUnreachable
+    from components.mlops.tracking import TrackingUnreachable
     from flows.pipeline import check_services
 
     with pytest.raises(TrackingUnreachable, match="127.0.0.1:9"):

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from components.catalog import load_lm
+from components.models.catalog import load_lm
 from components.cli import main
-from components.lama import candidate_vocabulary, run
-from components.params import load_params
+from components.benchmarks.lama.run import candidate_vocabulary, run
+from components.config import load_params
 
 CLI = [sys.executable, "-m", "components.cli"]
 

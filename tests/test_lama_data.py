@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from components.lama_data import (SPLITS, VOCABS, bert_single_tokens, gpt2_single_tokens, load_tokenizers, prepare)
-from components.params import apply_overrides, load_params
-from components.sources import read_jsonl, sha256_file
+from components.benchmarks.lama.prepare import (SPLITS, VOCABS, bert_single_tokens, gpt2_single_tokens, load_tokenizers, prepare)
+from components.config import apply_overrides, load_params
+from components.data.sources import read_jsonl, sha256_file
 
 # the 13 relations whose test set is a partial substitute, and the 3 whose train set is (shared/README.md)
 PARTIAL_TEST = {"P1001", "P131", "P1376", "P17", "P190", "P276", "P279", "P30", "P36", "P361", "P37", "P47", "P530"}

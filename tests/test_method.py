@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from components.catalog import load_lm
-from components.model import FixedPrompt, PromptedLM, PromptEncoder, export_prompt, load_prompt
-from components.templates import TemplateError, collate, encode, lama_template, parse_template
+from components.models.catalog import load_lm
+from components.method.model import FixedPrompt, PromptedLM, PromptEncoder, export_prompt, load_prompt
+from components.method.templates import TemplateError, collate, encode, lama_template, parse_template
 from components.training import TrainConfig, fit
 
 

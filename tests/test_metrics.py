@@ -1,7 +1,7 @@
 """SuperGLUE metrics against values computed by hand (and, where it has them, scikit-learn)."""
 import pytest
 
-from components.metrics import accuracy, exact_match, f1a, macro_f1, primary_score, task_metrics
+from components.benchmarks.superglue.metrics import accuracy, exact_match, f1a, macro_f1, primary_score, task_metrics
 
 
 def test_accuracy():

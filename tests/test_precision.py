@@ -26,9 +26,9 @@ import pytest
 import torch
 from torch import nn
 
-from components.catalog import load_lm
-from components.model import PromptedLM, PromptEncoder
-from components.templates import collate, encode, parse_template
+from components.models.catalog import load_lm
+from components.method.model import PromptedLM, PromptEncoder
+from components.method.templates import collate, encode, parse_template
 from components.training import Callback, TrainConfig, fit
 
 BF16_RTOL = 1e-2

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from components.search import (PAPER_GRID, SKIPPED, PruningCallback, StorageUnreachable, grid_size, grid_space,
+from components.mlops.search import (PAPER_GRID, SKIPPED, PruningCallback, StorageUnreachable, grid_size, grid_space,
                                make_sampler, open_study, run_search, summary)
-from components.params import load_params
+from components.config import load_params
 from components.training import TrainConfig, fit
 
 PG = "postgresql://postgres@127.0.0.1:5432"
@@ -100,7 +100,7 @@ WORKER = textwrap.dedent("""
     import json, os, sys, time
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
-    from components.search import open_study, run_search
+    from components.mlops.search import open_study, run_search
     from test_search import OBJECTIVE_PARAMS, tiny_train
     storage, study_name, log_path, barrier, me = sys.argv[2:7]
     study = open_study(study_name, storage, {"train.lr": [0.01, 0.03, 0.1], "train.batch_size": [8, 16]},
@@ -192,7 +192,7 @@ def test_pruning_callback_continues_steps_across_fits_and_picks_the_metric():
 KILLED_WORKER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
-    from components.search import open_study, run_search
+    from components.mlops.search import open_study, run_search
     study = open_study("crash", sys.argv[2], {"train.lr": [0.01, 0.03, 0.1]}, pruner="none", heartbeat=1, grace=2)
 
     def run_trial(params, callbacks, trial):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.sources import (DataError, UNLISTED, main_materialise, materialise, read_jsonl, read_manifest,
+from components.data.sources import (DataError, UNLISTED, main_materialise, materialise, read_jsonl, read_manifest,
                                 sha256_file)
 
 # a few small files: one with an upstream address per source kind, one the mirror derived

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from components import superglue as sg
-from components.catalog import load_lm
-from components.params import load_params
-from components.sources import DataError
-from components.superglue import TASKS, TaskError
-from components.templates import encode
+import components.benchmarks.superglue.run as sg
+from components.models.catalog import load_lm
+from components.config import load_params
+from components.data.sources import DataError
+from components.benchmarks.superglue.run import TASKS, TaskError
+from components.method.templates import encode
 
 
 @pytest.fixture(scope="session")
@@ -332,7 +332,7 @@ def test_copa_scores_each_choice_by_its_summed_teacher_forced_log_probability(gp
     ex = sg.Example("c", {"premise": "The man broke his toe", "choice1": "he dropped a hammer on his foot",
                           "choice2": "he got a hole"}, "0", pattern="cause")
     item = encoder.items([ex], train=True)[0]
-    from components.model import PromptedLM
+    from components.method.model import PromptedLM
     model = PromptedLM(gpt2.model, None, True, freeze_lm=True)
     batch = encoder.collate([item])
     with torch.no_grad():

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from components import lama
-from components.catalog import load_lm
-from components.model import PromptedLM, PromptEncoder, export_prompt, load_prompt
-from components.params import apply_overrides, load_params
-from components.templates import collate, encode, lama_template, parse_template
-from components.tracking import (CHAMPION, DEFAULT_URI, Tracker, TrackingUnreachable, check_reachable, data_version,
+import components.benchmarks.lama.run as lama
+from components.models.catalog import load_lm
+from components.method.model import PromptedLM, PromptEncoder, export_prompt, load_prompt
+from components.config import apply_overrides, load_params
+from components.method.templates import collate, encode, lama_template, parse_template
+from components.mlops.tracking import (CHAMPION, DEFAULT_URI, Tracker, TrackingUnreachable, check_reachable, data_version,
                                  registered_name, tracking_uri)
 
 CITIES = ("Paris London Berlin Rome Madrid Tokyo Vienna Moscow Prague Dublin Athens Lisbon Warsaw Cairo Delhi "

@@ -1,5 +1,5 @@
 """The MLflow UI shows what the pipeline records: an MLflow server on 127.0.0.1 with a run and a registered
-prompt (alias champion) made through components.tracking, rendered by headless Chromium (Debian's
+prompt (alias champion) made through components.mlops.tracking, rendered by headless Chromium (Debian's
 `chromium` package, installed by scripts/setup.sh): the models page lists the registered model, its page shows
 the champion version, and the experiment's runs page shows the run's name.
 
@@ -66,8 +66,8 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def recorded(mlflow_server):
     """A parent run with a nested trial run, and a tiny exported prompt registered as `champion`."""
-    from components.model import PromptEncoder, export_prompt
-    from components.tracking import Tracker, registered_name
+    from components.method.model import PromptEncoder, export_prompt
+    from components.mlops.tracking import Tracker, registered_name
 
     uri, tmp = mlflow_server
     prompt_dir = export_prompt(PromptEncoder(3, 8, "mlp"), tmp / "prompt", "[P*3] {sub} [Y]", "tiny-gpt2",

@@ -175,27 +175,10 @@ def materialise(mirror: str | Path | None, out: str | Path, manifest: str | Path
             "unverified": list(UNLISTED), "bytes": total}
 
 
-def _repo_root() -> Path:
-    from components.params import PARAMS_DIR
-    return Path(PARAMS_DIR).resolve().parent
-
-
-def resolve_shared_path(given: str | Path | None, env: str, key: str) -> Path:
-    """A shared input folder: the explicit argument, else `$env`, else `params/data.yaml: key`
-    (relative paths there are relative to the repository root)."""
-    if given is not None:
-        return Path(given)
-    if os.environ.get(env):
-        return Path(os.environ[env])
-    from components.params import load_params
-    path = Path(load_params("data")[key])
-    return path if path.is_absolute() else (_repo_root() / path).resolve()
-
-
 def main_materialise(mirror: str | None, out: str, from_upstream: bool = False) -> dict:
     """`ptuning prepare data`: materialise the raw data into `out` (the DVC stage `materialise`)."""
-    from components.params import load_params
-    mirror_dir = resolve_shared_path(mirror, "PTUNING_DATA_MIRROR", "mirror")
+    from components.config import load_params, shared_path
+    mirror_dir = shared_path("mirror", mirror)
     if not from_upstream and not mirror_dir.is_dir():
         log.warning("data mirror %s does not exist: downloading from the upstream sources", mirror_dir)
         from_upstream = True

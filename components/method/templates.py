@@ -108,9 +108,15 @@ class Encoded:
     read_positions: list[int]
 
 
-def _piece_ids(tokenizer, text: str, first: bool) -> list[int]:
-    # Byte-level BPE tokenises " word" and "word" differently: every piece but the first follows a space.
+def piece_ids(tokenizer, text: str, first: bool = False) -> list[int]:
+    """Token ids of `text` as it stands in a sequence. Byte-level BPE tokenises " word" and "word" differently:
+    every piece but the first follows a space."""
     return tokenizer.encode(text if first else " " + text, add_special_tokens=False)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    return next((v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
 
 
 def encode(
@@ -137,9 +143,9 @@ def encode(
         if part.kind == "slot":
             if part.value not in fields:
                 raise TemplateError(f"template {template.text!r} needs field {part.value!r}, the example has {sorted(fields)}")
-            pieces.append((part, _piece_ids(tokenizer, str(fields[part.value]), i == 0)))
+            pieces.append((part, piece_ids(tokenizer, str(fields[part.value]), i == 0)))
         elif part.kind == "anchor":
-            pieces.append((part, _piece_ids(tokenizer, part.value, i == 0)))
+            pieces.append((part, piece_ids(tokenizer, part.value, i == 0)))
         elif part.kind == "prompt":
             pieces.append((part, [-1] * part.count))
         elif causal:
@@ -164,7 +170,7 @@ def encode(
         if part.kind == "prompt":
             prompt_index += list(range(next_prompt, next_prompt + part.count))
             next_prompt += part.count
-            input_ids += [tokenizer.pad_token_id or 0] * part.count  # placeholder, replaced by the prompt vector
+            input_ids += [pad_id(tokenizer)] * part.count  # placeholder, replaced by the prompt vector
             continue
         if part.kind == "target":
             target_positions = list(range(len(input_ids), len(input_ids) + len(ids)))

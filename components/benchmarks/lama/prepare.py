@@ -28,7 +28,8 @@ import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from components.sources import DataError, read_jsonl, resolve_shared_path, write_jsonl
+from components.config import shared_path
+from components.data.sources import DataError, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def prepare(raw: str | Path = "data/raw", out: str | Path = "data/lama", tokeniz
             params: dict | None = None) -> dict:
     """`ptuning prepare lama`: write the 34k and 29k benchmarks and stats.json; returns the stats.
     `params` is the content of params/data.yaml (default: read it)."""
-    from components.params import load_params
+    from components.config import load_params
     settings = (params or load_params("data"))["lama"]
     if settings["vocab_filter"] not in FILTERS:
         raise ValueError(f"lama.vocab_filter {settings['vocab_filter']!r}: choose one of {FILTERS}")
@@ -213,7 +214,7 @@ def prepare(raw: str | Path = "data/raw", out: str | Path = "data/lama", tokeniz
     if not trex.is_dir():
         raise DataError(f"{trex} does not exist: run `ptuning prepare data` (DVC stage materialise) first")
 
-    bert, gpt2 = load_tokenizers(resolve_shared_path(tokenizers, "PTUNING_TOKENIZERS", "tokenizers"))
+    bert, gpt2 = load_tokenizers(shared_path("tokenizers", tokenizers))
     vocabs, vocab_stats = vocabularies(raw, bert, gpt2, settings["vocab_filter"])
 
     prompt_rows = read_jsonl(raw / "lama" / "relations.jsonl", required=("relation", "template"))

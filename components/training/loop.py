@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from components.training.callbacks import Callback
+
 
 @dataclass
 class TrainConfig:
@@ -30,7 +32,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adam | adamw
     batch_size: int = 8  # effective batch: one optimizer step
     grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
-    epochs: int = 1
+    epochs: int | None = 1  # None: as many passes as max_steps needs
     max_steps: int | None = None  # stops earlier than `epochs` when reached
     eval_every: int | None = None  # steps between evaluations; None: every epoch
     patience: int | None = None  # evaluations without improvement before stopping; None: never
@@ -47,7 +49,8 @@ class TrainConfig:
             "lr": self.lr > 0, "lm_lr": self.lm_lr > 0, "weight_decay": self.weight_decay >= 0,
             "lm_weight_decay": self.lm_weight_decay >= 0, "batch_size": self.batch_size >= 1,
             "grad_accum": self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
-            "epochs": self.epochs >= 1, "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "epochs": (self.epochs is None and self.max_steps is not None) or (self.epochs or 0) >= 1,
+            "max_steps": self.max_steps is None or self.max_steps >= 1,
             "eval_every": self.eval_every is None or self.eval_every >= 1,
             "patience": self.patience is None or self.patience >= 1, "warmup_steps": self.warmup_steps >= 0,
             "lr_decay": 0 < self.lr_decay <= 1, "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
@@ -68,15 +71,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
         return cls(**values)
-
-
-class Callback:
-    """Hooks of the loop. Raising from one (e.g. optuna.TrialPruned) stops training."""
-
-    def on_train_begin(self, info: dict) -> None: ...
-    def on_step(self, step: int, loss: float, lr: float) -> None: ...
-    def on_evaluate(self, step: int, epoch: int, metrics: dict, improved: bool) -> None: ...
-    def on_train_end(self, result: "TrainResult") -> None: ...
 
 
 @dataclass
@@ -192,7 +186,8 @@ def fit(
     accelerator = make_accelerator(config.precision)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_items) / config.batch_size)
-    total_steps = min(config.max_steps or math.inf, config.epochs * steps_per_epoch)
+    epochs = config.epochs or math.ceil(config.max_steps / steps_per_epoch)
+    total_steps = min(config.max_steps or math.inf, epochs * steps_per_epoch)
     scheduler = _schedule(optimizer, config, total_steps, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
@@ -241,7 +236,7 @@ def fit(
         return config.patience is not None and state["bad_evals"] >= config.patience
 
     model.train()
-    while state["epoch"] < config.epochs and not stop:
+    while state["epoch"] < epochs and not stop:
         batches = length_batches(lengths, config.batch_size, config.seed, state["epoch"], config.length_bucketing)
         done_in_epoch = state["step"] - state["epoch"] * steps_per_epoch
         for indices in batches[done_in_epoch:]:
@@ -285,24 +280,3 @@ def fit(
     for cb in callbacks:
         cb.on_train_end(result)
     return result
-
-
-class LogProgress(Callback):
-    """Progress on the `components` logger: the terminal, and Prefect's logs when a flow runs this."""
-
-    def __init__(self, every: int = 10, prefix: str = ""):
-        self.every, self.prefix, self.total = every, prefix, None
-        self.log = __import__("logging").getLogger("components.training")
-
-    def on_train_begin(self, info):
-        self.total = info["total_steps"]
-        self.log.info("%straining %s steps on %s (%s)%s", self.prefix, self.total, info["device"], info["precision"],
-                      f", resumed at step {info['resumed_at_step']}" if info["resumed_at_step"] else "")
-
-    def on_step(self, step, loss, lr):
-        if step % self.every == 0:
-            self.log.info("%sstep %d/%s loss %.4f lr %.2e", self.prefix, step, self.total, loss, lr)
-
-    def on_evaluate(self, step, epoch, metrics, improved):
-        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        self.log.info("%seval at step %d (epoch %d): %s%s", self.prefix, step, epoch, shown, " *" if improved else "")

@@ -51,10 +51,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from components.metrics import primary_score, task_metrics
-from components.model import PromptedLM, PromptEncoder, export_prompt
-from components.sources import DataError, numbered_jsonl, write_jsonl
-from components.templates import Encoded, Template, TemplateError, collate, encode, parse_template
+from components.benchmarks.superglue.metrics import primary_score, task_metrics
+from components.method.model import PromptedLM, PromptEncoder, export_prompt
+from components.data.sources import DataError, numbered_jsonl, write_jsonl
+from components.method.templates import Encoded, Template, TemplateError, collate, encode, parse_template
 from components.training import Callback, TrainConfig, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -714,7 +714,7 @@ def prepare(raw: str | Path = "data/raw", out: str | Path = "data/fewglue", seed
     materialised mirror in `raw`, check that dev32 is disjoint from train32 and val, and write the
     figures to `<out>/stats.json`. BoolQ has no full train set: its dev32 is the published one."""
     if dev_size is None or full_dev_fraction is None:
-        from components.params import load_params
+        from components.config import load_params
         defaults = load_params("superglue").get("prepare", {})
         dev_size = dev_size if dev_size is not None else defaults.get("dev_size", 32)
         full_dev_fraction = full_dev_fraction if full_dev_fraction is not None else defaults.get("full_dev_fraction", 0.1)
@@ -806,7 +806,7 @@ def load_splits(spec: TaskSpec, params: dict) -> dict[str, list[Example]]:
 def _sequence_classifier(params: dict, lm, num_labels: int) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    from components.catalog import model_dir
+    from components.models.catalog import model_dir
 
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir(params["model"])), num_labels=num_labels)
     if lm.causal or model.config.pad_token_id is None:
@@ -884,7 +884,7 @@ def run_task(spec: TaskSpec, lm, params: dict, output_dir: Path, callbacks: list
 def run(params: dict, output_dir: str | Path, callbacks: list[Callback] = ()) -> dict:
     """`params` as in params/superglue.yaml; `params['task']` is a task, a comma list or `all`.
     Writes `<output_dir>/metrics.json` (and history.json) and returns the metrics."""
-    from components.catalog import load_lm
+    from components.models.catalog import load_lm
 
     specs = validate(params)
     output_dir = Path(output_dir)

@@ -17,14 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from components.model import PromptedLM, PromptEncoder, export_prompt
-from components.sources import DataError, read_jsonl
-from components.templates import Encoded, collate, encode, lama_template, parse_template
+from components.benchmarks import TaskPlan
+from components.data.sources import DataError, read_jsonl
+from components.method.model import ENCODERS, PromptedLM, PromptEncoder, export_prompt
+from components.method.templates import Encoded, collate, encode, lama_template, pad_id, parse_template, piece_ids
 from components.training import Callback, TrainConfig, fit, seed_everything
 
 log = logging.getLogger(__name__)
 METHODS = ("manual", "ptuning", "finetune", "manual-finetune")
 VOCABS = ("29k", "34k")
+TRAINED = ("ptuning", "finetune", "manual-finetune")  # the methods that train something
+# The 41 LAMA T-REx relations (paper Table 2): known before any data is prepared, so a typo fails at once.
+RELATIONS = ("P1001 P101 P103 P106 P108 P127 P1303 P131 P136 P1376 P138 P140 P1412 P159 P17 P176 P178 P19 P190 "
+             "P20 P264 P27 P276 P279 P30 P31 P36 P361 P364 P37 P39 P407 P413 P449 P463 P47 P495 P527 P530 P740 "
+             "P937").split()
 
 
 @dataclass
@@ -75,25 +81,41 @@ def candidate_vocabulary(words: list[str], tokenizer) -> tuple[list[str], list[i
     """The benchmark words that are one token of this model (after a space, as they follow the prompt)."""
     kept_words, ids = [], []
     for word in words:
-        pieces = tokenizer.encode(" " + word, add_special_tokens=False)
+        pieces = piece_ids(tokenizer, word)
         if len(pieces) == 1:
             kept_words.append(word)
             ids.append(pieces[0])
     return kept_words, ids
 
 
-def validate(params: dict) -> TrainConfig:
-    """Everything that can be checked before a model is loaded."""
+def relations_of(task) -> list[str]:
+    task = str(task).strip()
+    relations = list(RELATIONS) if task == "all" else [t.strip() for t in task.split(",") if t.strip()]
+    unknown = [r for r in relations if r not in RELATIONS]
+    if unknown or not relations:
+        raise ValueError(f"unknown LAMA relation(s) {unknown or [task]}; known: {', '.join(RELATIONS)} or all")
+    return relations
+
+
+def plan(params: dict) -> list[TaskPlan]:
+    """Everything that can be checked before data or a model is loaded; one TaskPlan per relation."""
+    from components.models.catalog import check_model
+
     if params["method"] not in METHODS:
-        raise ValueError(f"unknown LAMA method {params['method']!r}; choose one of {METHODS}")
+        raise ValueError(f"unknown LAMA method {params['method']!r}; choose one of {', '.join(METHODS)}")
     if params["vocab"] not in VOCABS:
-        raise ValueError(f"unknown LAMA vocabulary {params['vocab']!r}; choose one of {VOCABS}")
+        raise ValueError(f"unknown LAMA vocabulary {params['vocab']!r}; choose one of {', '.join(VOCABS)}")
+    if params["encoder"] not in ENCODERS:
+        raise ValueError(f"unknown prompt encoder {params['encoder']!r}; choose one of {', '.join(ENCODERS)}")
     if params.get("template"):
         parse_template(params["template"], fields=("sub",))
-    return TrainConfig.from_dict(params["train"])
+    relations = relations_of(params["task"])
+    check_model(params["model"])
+    train = TrainConfig.from_dict(params["train"]) if params["method"] in TRAINED else None
+    return [TaskPlan(relation, train) for relation in relations]
 
 
-def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
+def loss(model: nn.Module, batch: dict) -> torch.Tensor:
     logits = model(**batch)[:, 0]  # [B, C]: one target token
     return nn.functional.cross_entropy(logits.float(), batch["labels"])
 
@@ -115,9 +137,9 @@ def precision_at_1(model: nn.Module, facts: list[Fact], candidate_ids: torch.Ten
     return hits / len(facts)
 
 
-def run_relation(relation: str, lm, params: dict, output_dir: Path, callbacks: list[Callback] = ()) -> RelationResult:
+def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: list[Callback] = ()) -> RelationResult:
     """Train (unless `manual`) and evaluate one relation; export the prompt when there is one."""
-    config = validate(params)
+    relation, config = task.task, task.train
     data_dir, method = Path(params["data_dir"]), params["method"]
     split_dir = data_dir / params["vocab"] / relation
     if not split_dir.is_dir():
@@ -141,12 +163,12 @@ def run_relation(relation: str, lm, params: dict, output_dir: Path, callbacks: l
     if not splits["test"]:
         raise DataError(f"relation {relation}: no test facts with a single-token answer for {params['model']}")
 
-    seed_everything(config.seed)
+    seed_everything(config.seed if config else params["train"]["seed"])
     prompt = (PromptEncoder(template.n_prompt_tokens, lm.model.get_input_embeddings().embedding_dim, params["encoder"])
               if template.n_prompt_tokens else None)
     model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=method in ("manual", "ptuning"))
-    pad_id, eval_bs = lm.tokenizer.pad_token_id, params["eval_batch_size"]
-    evaluate = lambda m: {"dev_p1": precision_at_1(m, splits["dev"], candidate_ids, pad_id, eval_bs)}
+    pad, eval_bs = pad_id(lm.tokenizer), params["eval_batch_size"]
+    evaluate = lambda m: {"dev.p1": precision_at_1(m, splits["dev"], candidate_ids, pad, eval_bs)}
 
     steps, history = 0, []
     if method != "manual":
@@ -155,14 +177,14 @@ def run_relation(relation: str, lm, params: dict, output_dir: Path, callbacks: l
         items = [{"encoded": f.encoded, "label": f.label} for f in splits["train"]]
 
         def batch_of(chunk):
-            batch = collate([c["encoded"] for c in chunk], pad_id)
+            batch = collate([c["encoded"] for c in chunk], pad)
             return {**batch, "labels": torch.tensor([c["label"] for c in chunk]), "candidate_ids": candidate_ids}
 
-        result = fit(model, items, [len(i["encoded"].input_ids) for i in items], batch_of, _loss, evaluate, config,
-                     select=("dev_p1",), callbacks=callbacks, checkpoint_dir=output_dir / "checkpoint")
+        result = fit(model, items, [len(i["encoded"].input_ids) for i in items], batch_of, loss, evaluate, config,
+                     select=("dev.p1",), callbacks=callbacks, checkpoint_dir=output_dir / "checkpoint")
         steps, history = result.steps, result.history
-    dev_p1 = evaluate(model)["dev_p1"] if splits["dev"] else None
-    test_p1 = precision_at_1(model, splits["test"], candidate_ids, pad_id, eval_bs)
+    dev_p1 = evaluate(model)["dev.p1"] if splits["dev"] else None
+    test_p1 = precision_at_1(model, splits["test"], candidate_ids, pad, eval_bs)
     prompt_dir = output_dir / "prompt" if prompt is not None else None
     if prompt is not None:
         export_prompt(prompt, prompt_dir, template.text, params["model"],
@@ -171,34 +193,36 @@ def run_relation(relation: str, lm, params: dict, output_dir: Path, callbacks: l
     return RelationResult(relation, test_p1, dev_p1, len(splits["train"]), len(splits["test"]), dropped, steps, prompt_dir, history)
 
 
-def run(params: dict, output_dir: str | Path, callbacks: list[Callback] = ()) -> dict:
-    """`params` as in params/lama.yaml; `params['task']` is a relation id, a comma list or `all`.
-    Writes `<output_dir>/metrics.json` and returns it: per-relation P@1 and their macro average."""
-    from components.catalog import load_lm
+def run(config, output_dir: str | Path, callbacks: list[Callback] = ()) -> dict:
+    """Probe every relation of `config` (a RunConfig). Writes `<output_dir>/metrics.json` and returns it:
+    per-relation P@1 and their macro average, every key named by its split (`test.p1`, `dev.p1`)."""
+    from components.models.catalog import load_lm
 
-    validate(params)
+    params = config.params
     data_dir = Path(params["data_dir"])
-    known = relation_ids(data_dir, params["vocab"])
-    task = str(params["task"])
-    relations = known if task == "all" else [t.strip() for t in task.split(",")]
-    unknown = [r for r in relations if r not in known]
-    if unknown:
-        raise ValueError(f"unknown LAMA relation(s) {unknown}; known: {', '.join(known)}")
+    prepared = relation_ids(data_dir, params["vocab"])
+    missing = [t.task for t in config.tasks if t.task not in prepared]
+    if missing:
+        raise DataError(f"no prepared facts for {', '.join(missing)} in {data_dir / params['vocab']}: "
+                        "run `dvc repro prepare_lama` (or `ptuning prepare lama`)")
     lm = load_lm(params["model"])
     output_dir = Path(output_dir)
     results = []
-    for i, relation in enumerate(relations):
+    for i, task in enumerate(config.tasks):
         if i and params["method"].endswith("finetune"):  # every relation starts from the pretrained LM
             lm = load_lm(params["model"])
-        results.append(run_relation(relation, lm, params, output_dir / relation if len(relations) > 1 else output_dir, callbacks))
+        task_dir = output_dir / task.task if len(config.tasks) > 1 else output_dir
+        results.append(run_relation(task, lm, params, task_dir, callbacks))
+    dev_p1 = sum(r.dev_p1 or 0.0 for r in results) / len(results)
     metrics = {
-        "benchmark": "lama", "model": params["model"], "method": params["method"], "vocab": params["vocab"],
-        "p1": sum(r.test_p1 for r in results) / len(results),
-        # the model-selection score (dev, never test) that search maximises
-        "dev_score": sum(r.dev_p1 or 0.0 for r in results) / len(results),
+        "benchmark": "lama", "task": str(params["task"]), "model": params["model"], "method": params["method"],
+        "vocab": params["vocab"],
+        "test": {"p1": sum(r.test_p1 for r in results) / len(results)},
+        # dev.score: the model-selection score (dev, never test) that search maximises
+        "dev": {"p1": dev_p1, "score": dev_p1},
         "prompts": {r.relation: str(r.prompt_dir) for r in results if r.prompt_dir},
-        "relations": {r.relation: {"test_p1": r.test_p1, "dev_p1": r.dev_p1, "n_train": r.n_train, "n_test": r.n_test,
-                                   "dropped": r.dropped, "steps": r.steps} for r in results},
+        "relations": {r.relation: {"test": {"p1": r.test_p1}, "dev": {"p1": r.dev_p1}, "n_train": r.n_train,
+                                   "n_test": r.n_test, "dropped": r.dropped, "steps": r.steps} for r in results},
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -31,8 +31,8 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from components.params import apply_overrides
-from components.stores import DatabaseUnreachable, check_database, normalise_url
+from components.config import apply_overrides
+from components.mlops.stores import DatabaseUnreachable, check_database, normalise_url
 from components.training import Callback
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ def run_search(
     `n_trials` trials ran here, or the study holds `total_trials` finished trials.
 
     Each trial suggests every key of the space, applies the values to a copy of `objective_params`
-    (dotted keys, components.params.apply_overrides) and calls
+    (dotted keys, components.config.apply_overrides) and calls
     `run_trial(params, [PruningCallback], trial) -> metrics`; the trial's value is `metrics[metric]`.
     run_trial must let optuna.TrialPruned through. Numeric top-level metrics become user attributes.
     Exceptions other than `catch` fail the trial and stop this worker. `linger` (grid, n_trials None):

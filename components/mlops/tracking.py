@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 import mlflow
 import mlflow.pyfunc
 
-from components.stores import DatabaseUnreachable, check_database
+from components.mlops.stores import DatabaseUnreachable, check_database
 from components.training import Callback
 
 log = logging.getLogger(__name__)
@@ -501,7 +501,7 @@ def _signature(meta: dict):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    from components.templates import parse_template
+    from components.method.templates import parse_template
 
     slots = parse_template(meta["template"]).slots or ("sub",)
     inputs = Schema([ColSpec("string", slot) for slot in dict.fromkeys(slots)])
@@ -535,9 +535,9 @@ class PromptModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
-        from components.catalog import load_lm
-        from components.model import PromptedLM, load_prompt
-        from components.templates import parse_template
+        from components.models.catalog import load_lm
+        from components.method.model import PromptedLM, load_prompt
+        from components.method.templates import parse_template
 
         directory = Path(context.artifacts["prompt"])
         prompt, self.meta = load_prompt(directory)
@@ -554,7 +554,7 @@ class PromptModel(mlflow.pyfunc.PythonModel):
             words = [verbalizer[label] if isinstance(verbalizer[label], str) else verbalizer[label][0] for label in verbalizer]
             ids = [self.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words]
         elif (directory / "vocab.json").exists():  # LAMA: the benchmark's vocabulary, one token each
-            from components.lama import candidate_vocabulary
+            from components.benchmarks.lama.run import candidate_vocabulary
 
             self.labels, ids = candidate_vocabulary(json.loads((directory / "vocab.json").read_text()), self.tokenizer)
         self.candidate_ids = torch.tensor(ids) if ids is not None else None
@@ -572,7 +572,7 @@ class PromptModel(mlflow.pyfunc.PythonModel):
         import pandas as pd
         import torch
 
-        from components.templates import collate, encode
+        from components.method.templates import collate, encode
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         slots = list(dict.fromkeys(self.template.slots))

@@ -10,7 +10,7 @@ A name is one of
 Models that live on disk (SmolLM2, tiny-*) are materialised once into the cache directory
 ($PTUNING_MODEL_CACHE, default ~/.cache/ptuning/models) as config + safetensors + tokenizer.
 
-    python -m components.catalog smollm2-135m     # materialise, print the directory
+    python -m components.models.catalog smollm2-135m     # materialise, print the directory
 """
 from __future__ import annotations
 
@@ -107,10 +107,6 @@ class LoadedLM:
     name: str  # the name as given (for MLflow / export metadata)
 
 
-def shared_dir() -> Path:
-    return Path(os.environ.get("PTUNING_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
-
-
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("PTUNING_MODEL_CACHE") or Path.home() / ".cache" / "ptuning" / "models").expanduser()
 
@@ -130,6 +126,13 @@ def load_lm(name: str, cache_dir: str | Path | None = None) -> LoadedLM:
     auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
     model = auto.from_pretrained(directory, dtype=torch.float32).eval()
     return LoadedLM(model, _prepared_tokenizer(AutoTokenizer.from_pretrained(directory), causal, name), causal, name)
+
+
+def check_model(name: str) -> None:
+    """Fail now, with UnknownModelError, for a name that is no catalogue entry, local model or hub id (only a
+    config is read: well under a second, no weights)."""
+    if name not in CATALOGUE:
+        _resolve(name)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -266,7 +269,9 @@ def _random_model(entry: RandomInit, tokenizer: PreTrainedTokenizerBase) -> torc
 
 
 def _random_tokenizer(entry: RandomInit) -> PreTrainedTokenizerBase:
-    tokenizers = shared_dir() / "tokenizers"
+    from components.config import shared_path
+
+    tokenizers = shared_path("tokenizers")
     if entry.tokenizer == "roberta":
         return _roberta_tokenizer(tokenizers / "gpt2")
     tokenizer = AutoTokenizer.from_pretrained(tokenizers / entry.tokenizer)
@@ -286,7 +291,7 @@ def _roberta_tokenizer(gpt2: Path) -> PreTrainedTokenizerBase:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.catalog", description="Materialise a model; print its directory.")
+    parser = argparse.ArgumentParser(prog="python -m components.models.catalog", description="Materialise a model; print its directory.")
     parser.add_argument("name", help=f"one of {', '.join(n for n, e in CATALOGUE.items() if not isinstance(e, RandomInit) or e.on_disk)}, a local directory or a hub id")
     parser.add_argument("--cache-dir", help="default: $PTUNING_MODEL_CACHE or ~/.cache/ptuning/models")
     args = parser.parse_args(argv)
