@@ -5,7 +5,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup run test
+.PHONY: setup run test test-fast
 
 setup:
 	@bash scripts/setup.sh
@@ -15,5 +15,10 @@ setup:
 run: setup
 	python -m flows.run lama
 
+# The full suite: what CI runs (.ci/run).
 test: setup
 	python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The unit tier for the edit loop: no servers, no real weights (about a minute).
+test-fast: setup
+	python -m pytest -q -p no:cacheprovider -m "not slow and not services and not gpu" $(PYTEST_ARGS)

@@ -159,36 +159,24 @@ def make_facts(tokenizer, vocab_size: int, n: int, seed: int) -> list[tuple[str,
     return [(s, rng.choice(objects)) for s in synthetic_subjects(n, seed)]
 
 
-def pad_id_of(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return value
-    return 0
-
-
 # --- the two sides ------------------------------------------------------------------------------------------
 
 def build_ours(lm, tokenizer, causal: bool, facts, encoder: str, freeze: bool):
     import torch
-    from torch import nn
 
+    from components.benchmarks.lama.run import loss as loss_fn  # every vocabulary token a candidate: no candidate_ids
     from components.method.model import PromptedLM, PromptEncoder
-    from components.method.templates import collate, encode, parse_template
+    from components.method.templates import collate, encode, pad_id, parse_template
 
     template = parse_template("[P*3] {sub} [P*3] [Y]" if causal else "[P*3] {sub} [P*3] [Y] [P*3]", fields=("sub",))
     items = [(encode(template, tokenizer, {"sub": s}, causal, target_ids=[t]), t) for s, t in facts]
-    pad = pad_id_of(tokenizer)
+    pad = pad_id(tokenizer)
     prompt = PromptEncoder(template.n_prompt_tokens, lm.get_input_embeddings().embedding_dim, encoder)
     model = PromptedLM(lm, prompt, causal, freeze_lm=freeze)
 
     def collate_fn(chunk):
         batch = collate([e for e, _ in chunk], pad)
         return {**batch, "labels": torch.tensor([t for _, t in chunk])}
-
-    def loss_fn(m, batch):  # components/lama.py's loss, every vocabulary token a candidate
-        logits = m(**batch)[:, 0]
-        return nn.functional.cross_entropy(logits.float(), batch["labels"])
 
     lengths = [len(e.input_ids) for e, _ in items]
     return model, items, lengths, collate_fn, loss_fn, template.n_prompt_tokens
@@ -198,6 +186,8 @@ def build_peft(lm, tokenizer, causal: bool, facts, encoder: str, freeze: bool, n
     import torch
     from peft import PromptEncoderConfig, TaskType, get_peft_model
     from torch import nn
+
+    from components.method.templates import pad_id, piece_ids
 
     dim = lm.get_input_embeddings().embedding_dim
     config = PromptEncoderConfig(
@@ -224,10 +214,10 @@ def build_peft(lm, tokenizer, causal: bool, facts, encoder: str, freeze: bool, n
         def forward(self, input_ids, attention_mask, labels):
             return self.peft(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
-    pad = pad_id_of(tokenizer)
+    pad = pad_id(tokenizer)
     items = []
     for subject, target in facts:
-        sub = tokenizer.encode(" " + subject, add_special_tokens=False)  # as ours: the subject follows prompts
+        sub = piece_ids(tokenizer, subject)  # as ours: the subject follows prompts
         if causal:
             ids = sub + [target]
             labels = [-100] * len(sub) + [target]  # the model shifts: the last-but-one position predicts target
@@ -366,12 +356,9 @@ def run_case(case: dict) -> dict:
             counts["pending"] = [0, 0, 0]
             self.last_loss = loss
 
-    train = {}
-    params_file = REPO / "params" / "lama.yaml"
-    if params_file.exists():
-        import yaml
+    from components.config import load_params
 
-        train = (yaml.safe_load(params_file.read_text()) or {}).get("train", {})
+    train = load_params("lama", REPO)["train"]  # the library's own optimiser settings (Adam, weight decay)
     train.update(batch_size=batch, grad_accum=case["grad_accum"], epochs=1, max_steps=warmup + steps,
                  eval_every=None, patience=None, precision=case["precision"], schedule="constant",
                  length_bucketing=True, seed=case["seed"])
@@ -446,12 +433,9 @@ def run_ab(model_name: str, mode: str, args, device: str) -> dict:
         torch.set_num_threads(args.threads)
     cuda = device == "cuda"
     freeze = mode == "frozen"
-    train = {}
-    params_file = REPO / "params" / "lama.yaml"
-    if params_file.exists():
-        import yaml
+    from components.config import load_params
 
-        train = (yaml.safe_load(params_file.read_text()) or {}).get("train", {})
+    train = load_params("lama", REPO)["train"]  # the library's own optimiser settings (Adam, weight decay)
     config = TrainConfig.from_dict({**train, "precision": args.precision})
     use_bf16 = make_accelerator(config.precision).mixed_precision == "bf16"
     batch, reps = (args.batch_size or [8])[0], (args.steps or 6) + 1

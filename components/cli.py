@@ -3,6 +3,7 @@
     ptuning prepare data|lama|fewglue     materialise and prepare the data (DVC stages)
     ptuning models prepare NAME            fetch/convert a catalogue model into the local cache
     ptuning train lama|superglue ...       train and evaluate one configuration, print its metrics as JSON
+    ptuning report lama --model M ...      run a benchmark's result table and write reports/<benchmark>/<model>/
 
 Exit codes: 0 done, 2 bad input (a one-line message, nothing written), 3 the output directory is busy,
 4 the disk is full.
@@ -62,6 +63,50 @@ def _models(args) -> dict:
     return {"model": args.name, "path": str(model_dir(args.name))}
 
 
+def _report(args) -> dict:
+    from components.config import load_params, parse_pairs, project_root
+    from components.reports.lama import LamaReport, run_report
+
+    root = project_root()
+    settings = load_params("report", root)["lama"]
+    settings.update({k: v for k, v in (("pool", args.pool), ("lm_batch", args.lm_batch)) if v is not None})
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    command = " ".join(["ptuning report lama", "--model", args.model]
+                       + [f"--{flag} {value}" for flag, value in (("vocab", args.vocab), ("seeds", args.seeds),
+                                                                   ("relations", args.relations), ("methods", args.methods),
+                                                                   ("pool", args.pool), ("lm-batch", args.lm_batch))
+                          if value] + [f"--set {pair}" for pair in args.set])
+    report = LamaReport.from_settings(settings, args.model, command, root, vocab=args.vocab, seeds=seeds,
+                                      relations=args.relations, methods=args.methods.split(",") if args.methods else None,
+                                      output_dir=args.output_dir, params=parse_pairs(args.set))
+    results = run_report(report, settings, root, show_progress=not args.no_progress)
+    return {"report": str(report.output_dir / "REPORT.md"), "wall_s": results["wall_s"],
+            **{f"{m}.macro_test_p1": v.get("macro_test_p1") for m, v in results["methods"].items()}}
+
+
+def _predict(args) -> dict:
+    """Answer every line of --input, without a server: one JSON line per input (stdout, or --output)."""
+    from mlflow.exceptions import MlflowException
+
+    from components.data.sources import read_jsonl
+    from components.mlops.serving import load
+
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"--input {args.input}: no such file")
+    try:
+        fields, predict = load(args.model)
+    except MlflowException as error:
+        raise ValueError(f"cannot load --model {args.model}: {error.message.splitlines()[0]}") from None
+    rows = read_jsonl(args.input, required=fields)
+    lines = [json.dumps({"input": {f: row[f] for f in fields}, **answer}) + "\n"
+             for row, answer in zip(rows, predict(rows, top_k=args.top_k))]
+    if args.output:
+        Path(args.output).write_text("".join(lines))
+    else:
+        sys.stdout.writelines(lines)
+    return {"model": args.model, "answered": len(lines), "output": args.output}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptuning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +142,29 @@ def parser() -> argparse.ArgumentParser:
         b.add_argument("--restart", action="store_true", help="discard a run of other settings in --output-dir")
         b.add_argument("--log-every", type=int, default=10)
         b.set_defaults(run=_train)
+
+    report = sub.add_parser("report", help="run a benchmark's result table and write it up (params/report.yaml)")
+    report_bench = report.add_subparsers(dest="benchmark", required=True)
+    lama = report_bench.add_parser("lama", help="paper Table 2: reports/lama/<model>/ (resumes when run again)")
+    lama.add_argument("--model", required=True)
+    lama.add_argument("--vocab", choices=("29k", "34k"))
+    lama.add_argument("--seeds", help="comma list, e.g. 34,35,36 (default: params/report.yaml)")
+    lama.add_argument("--relations", help="comma list or all (default: params/report.yaml)")
+    lama.add_argument("--methods", help="comma list of manual, ptuning, finetune, manual-finetune")
+    lama.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a params/lama.yaml parameter for every method, e.g. train.max_steps=100")
+    lama.add_argument("--pool", type=int, help="P-tuning prompts per shared batch (default: params/report.yaml)")
+    lama.add_argument("--lm-batch", type=int, help="rows per LM forward (default: params/report.yaml)")
+    lama.add_argument("--output-dir", help="default: reports/lama/<model>")
+    lama.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    lama.set_defaults(run=_report)
+
+    predict = sub.add_parser("predict", help="answer inputs with a registered prompt, without a server")
+    predict.add_argument("--model", required=True, help="models:/NAME@champion (any MLflow model URI) or a prompt directory")
+    predict.add_argument("--input", required=True, help="JSONL, one object per line with the template's fields (LAMA: sub)")
+    predict.add_argument("--top-k", type=int, default=5, help="answers per input, best first")
+    predict.add_argument("--output", help="write the answers (JSONL) here instead of stdout")
+    predict.set_defaults(run=_predict)
     return p
 
 

@@ -46,14 +46,15 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_pairs(pairs: Iterable[str], flag: str = "--set") -> dict[str, Any]:
-    """["train.lr=1e-3", "tasks=[P19,P36]"] -> {"train.lr": 0.001, "tasks": ["P19", "P36"]}."""
+def parse_pairs(pairs: Iterable[str], flag: str = "--set", as_yaml: bool = True) -> dict[str, Any]:
+    """["train.lr=1e-3", "tasks=[P19,P36]"] -> {"train.lr": 0.001, "tasks": ["P19", "P36"]} (as_yaml=False:
+    the values stay strings, as an environment needs them)."""
     out = {}
     for pair in pairs:
         key, sep, value = str(pair).partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{flag} {pair!r} is not of the form key=value")
-        out[key.strip()] = parse_value(value)
+        out[key.strip()] = parse_value(value) if as_yaml else value
     return out
 
 

@@ -4,9 +4,11 @@ compares the fingerprint recorded there (resolved parameters, code version, data
 
     the same        resume from its checkpoint, or read back its finished result
     none (empty)    a new run
-    another         refuse with a one-line error naming what differs (or, with restart=True, empty it first)
+    another         refuse with a one-line error naming what differs
 
-So a checkpoint or a result can never be taken for the result of other parameters, other code or other data.
+`restart=True` empties the directory first, whatever it holds. So a checkpoint or a result can never be taken
+for the result of other parameters, other code or other data. Every file of the run's own bookkeeping is
+written atomically, and a full disk anywhere in the run surfaces as `DiskFull` naming the directory.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from components.common import flatten
+from components.common import flatten, remove_checkpoints
+from components.training.storage import DiskFull, atomic_write, disk_full_error
 
 FINGERPRINT = "fingerprint.json"
 LOCK = ".run.lock"
@@ -77,34 +80,41 @@ def claim(directory: str | Path, fingerprint: dict, restart: bool = False):
         leftovers = [e.name for e in directory.iterdir() if e.name not in (LOCK, FINGERPRINT)]
         if not leftovers:  # nothing was written under the recorded fingerprint: nothing to protect
             recorded = None
-        if recorded is not None and recorded != fingerprint or recorded is None and leftovers:
-            if not restart:
-                what = (f"a run with other settings ({differences(recorded, fingerprint)})" if recorded is not None
-                        else f"files of no ptuning run ({', '.join(sorted(leftovers)[:5])})")
-                raise RunDirMismatch(f"{directory} holds {what}: choose another --output-dir, or pass --restart "
-                                     "to discard it")
+        if restart:
             _empty(directory)
-        (directory / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+        elif recorded is not None and recorded != fingerprint or recorded is None and leftovers:
+            what = (f"a run with other settings ({differences(recorded, fingerprint)})" if recorded is not None
+                    else f"files of no ptuning run ({', '.join(sorted(leftovers)[:5])})")
+            raise RunDirMismatch(f"{directory} holds {what}: choose another --output-dir, or pass --restart "
+                                 "to discard it")
+        atomic_write(directory / FINGERPRINT, json.dumps(fingerprint, indent=2, sort_keys=True))
         yield directory
     finally:
         lock.release()
 
 
 def mark_done(directory: Path) -> None:
-    (directory / DONE).write_text(json.dumps({"finished": True}))
+    atomic_write(directory / DONE, json.dumps({"finished": True}))
 
 
 def execute(config, output_dir: str | Path, callbacks: list = (), restart: bool = False) -> tuple[dict, bool]:
     """Run `config` (a RunConfig) in `output_dir` under `claim`: (metrics, reused). A finished run of the same
-    fingerprint is read back; an interrupted one resumes from its checkpoint; its checkpoints go when it ends."""
-    from components.common import remove_checkpoints
-
+    fingerprint is read back; an interrupted one resumes from its checkpoint; its checkpoints go when it ends.
+    Raises RunDirBusy, RunDirMismatch, or DiskFull (naming the directory) when any write of the run ran out of
+    space (the last checkpoint stays, so the same command resumes once there is room)."""
     fingerprint = config.fingerprint()
-    with claim(output_dir, fingerprint, restart=restart) as directory:
-        done = finished_result(directory, json.loads(json.dumps(fingerprint, default=str)))
-        if done is not None:
-            return done, True
-        metrics = config.spec.run(config, directory, list(callbacks))
-        remove_checkpoints(directory)
-        mark_done(directory)
-        return metrics, False
+    try:
+        with claim(output_dir, fingerprint, restart=restart) as directory:
+            done = finished_result(directory, json.loads(json.dumps(fingerprint, default=str)))
+            if done is not None:
+                return done, True
+            metrics = config.spec.run(config, directory, list(callbacks))
+            remove_checkpoints(directory)
+            mark_done(directory)
+            return metrics, False
+    except DiskFull:
+        raise
+    except Exception as error:  # a full disk met by a write that does not go through atomic_write
+        if disk_full_error(error):
+            raise DiskFull(output_dir) from None
+        raise

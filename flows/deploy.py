@@ -24,7 +24,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 import argparse
 import sys
 
-from flows.pipeline import BENCHMARKS
+from components.benchmarks import REGISTRY
 
 RUN_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "components", "HF_HUB_OFFLINE": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
@@ -52,16 +52,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", default="ptuning", help="work pool (default: ptuning; created as a process pool if missing)")
     parser.add_argument("--queue", default=None, help="work queue of the pool (default: the pool's default queue)")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="register only this deployment (repeatable)")
+    parser.add_argument("--only", action="append", choices=sorted(REGISTRY), help="register only this deployment (repeatable)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of the flow runs (repeatable), e.g. MLFLOW_TRACKING_URI=http://mlflow:5000")
     args = parser.parse_args(argv)
-    env = dict(RUN_ENV)
-    for pair in args.env:
-        if "=" not in pair:
-            parser.error(f"--env {pair!r} is not of the form KEY=VALUE")
-        key, value = pair.split("=", 1)
-        env[key.strip()] = value
+    from components.config import ConfigError, parse_pairs
+
+    try:
+        env = {**RUN_ENV, **parse_pairs(args.env, flag="--env", as_yaml=False)}
+    except ConfigError as error:
+        parser.error(str(error))
     from flows.serve import deployments
 
     if ensure_pool(args.pool):

@@ -6,7 +6,6 @@ reads RUN_DIR/metrics.json and RUN_DIR/history.json (written by `ptuning train .
 writes
     OUT_DIR/metrics.json          the run's figures (local paths left out, so `dvc metrics diff` compares numbers)
     OUT_DIR/learning_curve.csv    one row per evaluation: step, epoch, task, the dev metrics, dev_score
-It also drops RUN_DIR's resume checkpoints (`checkpoint/`): a finished stage does not need them in DVC's cache.
 The DVC stages `train_lama` / `train_superglue` call it after training; the flow uses `learning_curve` too.
 """
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ NOT_METRICS = ("step", "epoch")
 def learning_curve(history: dict | list, default_task: str = "task") -> list[dict]:
     """Rows `{step, epoch, task, <dev metrics>..., dev_score}` from a history.json's content.
 
-    `history` is `{task: [{step, epoch, metric...}, ...]}` (or one such list). `dev_score` is the mean of an
+    `history` is `{task: [{step, epoch, "dev.<metric>"...}, ...]}` (or one such list). `dev_score` is the mean of an
     evaluation's numeric metrics (LAMA: dev P@1; CB: mean of accuracy and F1), the score model selection uses."""
     per_task = history if isinstance(history, dict) else {default_task: history}
     rows = []
@@ -67,9 +65,6 @@ def report(run_dir: str | Path, out_dir: str | Path) -> dict:
     (out_dir / "metrics.json").write_text(json.dumps(public_metrics(metrics), indent=2) + "\n")
     rows = learning_curve(history, str(metrics.get("task", "task")))
     write_curve(rows, out_dir / "learning_curve.csv")
-    for checkpoint in run_dir.rglob("checkpoint"):
-        if checkpoint.is_dir():
-            shutil.rmtree(checkpoint)
     return {"metrics": str(out_dir / "metrics.json"), "learning_curve": str(out_dir / "learning_curve.csv"),
             "evaluations": len(rows)}
 

@@ -2,17 +2,17 @@
 
     python -m flows.run lama                                   # the README's main job (params/flow.yaml)
     python -m flows.run superglue --param tasks=[cb] --param seeds=[42,43]
-    python -m flows.run lama --param models=[tiny-gpt2] --param n_trials=1 --set train.max_steps=5
+    python -m flows.run lama --param models=[tiny-gpt2] --set search.n_trials=null --set train.max_steps=5
 
---param NAME=VALUE sets a flow parameter (VALUE is YAML: lists [a,b], numbers, null); --set KEY=VALUE adds to
-`overrides` (a dotted key of params/<benchmark>.yaml, as `ptuning train --set`).
+--param NAME=VALUE sets a flow parameter (tasks, models, methods, seeds, prepare; VALUE is YAML); --set KEY=VALUE
+adds to `overrides`: a key of params/<benchmark>.yaml (as `ptuning train --set`), or search.*, tracking.*, flow.*.
 
 Without PREFECT_API_URL, Prefect runs the flow against a temporary local API over its SQLite database
-(~/.prefect/prefect.db, or $PREFECT_HOME); MLflow and Optuna default to sqlite:///mlflow.db and
-sqlite:///optuna.db in the repository (params/tracking.yaml, params/search.yaml). Afterwards:
+(~/.prefect/prefect.db, or $PREFECT_HOME); MLflow and Optuna default to sqlite:///mlflow.db and sqlite:///optuna.db
+in the checkout (params/tracking.yaml, params/search.yaml). Afterwards:
 
     prefect server start                                       # Prefect UI: http://127.0.0.1:4200 (same database)
-    mlflow ui --backend-store-uri sqlite:///mlflow.db          # MLflow UI: http://127.0.0.1:5000 (from the repository)
+    mlflow ui --backend-store-uri sqlite:///mlflow.db          # MLflow UI: http://127.0.0.1:5000 (from the checkout)
 """
 from __future__ import annotations
 
@@ -30,53 +30,41 @@ import inspect
 import json
 import sys
 
-import yaml
+from components.benchmarks import REGISTRY
 
 
-def parse_params(benchmark: str, pairs: list[str], sets: list[str]) -> dict:
-    """Flow parameters from `--param name=value` (YAML values) and `--set key=value` (into `overrides`,
-    on top of params/flow.yaml's overrides unless --param overrides=... replaces them)."""
-    from flows.pipeline import flow_defaults, ptuning
+def flow_arguments(benchmark: str, params: list[str], sets: list[str]) -> dict:
+    """The flow's keyword arguments: `--param name=value` pairs and `--set key=value` pairs (into `overrides`)."""
+    from components.config import ConfigError, parse_pairs
+    from flows.pipeline import ptuning
 
-    known = set(inspect.signature(ptuning.fn).parameters) - {"benchmark"}
-    params: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--param {pair!r} is not of the form name=value")
-        name, value = (part.strip() for part in pair.split("=", 1))
-        if name not in known:
-            raise ValueError(f"unknown flow parameter {name!r}; known: {', '.join(sorted(known))}")
-        params[name] = yaml.safe_load(value)
+    known = set(inspect.signature(ptuning.fn).parameters) - {"benchmark", "overrides"}
+    arguments = parse_pairs(params, flag="--param")
+    unknown = sorted(set(arguments) - known)
+    if unknown:
+        raise ConfigError(f"unknown flow parameter(s) {unknown}; known: {', '.join(sorted(known))} "
+                          "(any other setting: --set key=value)")
     if sets:
-        overrides = params.get("overrides")
-        if overrides is None:
-            overrides = dict(flow_defaults(benchmark).get("overrides") or {})
-        for pair in sets:
-            if "=" not in pair:
-                raise ValueError(f"--set {pair!r} is not of the form key=value")
-            key, value = pair.split("=", 1)
-            overrides[key.strip()] = yaml.safe_load(value)
-        params["overrides"] = overrides
-    return params
+        arguments["overrides"] = parse_pairs(sets)
+    return {"benchmark": benchmark, **arguments}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=("lama", "superglue"))
+    parser.add_argument("benchmark", choices=sorted(REGISTRY))
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a flow parameter")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a parameter of params/<benchmark>.yaml for every run (added to `overrides`)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override (see above)")
     args = parser.parse_args(argv)
-    from flows.pipeline import REPO, ptuning
+    from flows.pipeline import plan, ptuning
 
     try:
-        params = parse_params(args.benchmark, args.param, args.set)
+        arguments = flow_arguments(args.benchmark, args.param, args.set)
+        plan(**{k: v for k, v in arguments.items() if k != "prepare"})  # bad input: one line, before Prefect starts
     except ValueError as error:
         print(f"flows.run: error: {error}", file=sys.stderr)
         return 2
-    os.chdir(REPO)
-    result = ptuning(benchmark=args.benchmark, **params)
+    result = ptuning(**arguments)
     print(json.dumps(result, indent=2, default=str))
     uri = result["tracking_uri"]
     print("\nDone. To browse the results:", file=sys.stderr)

@@ -22,12 +22,16 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 import argparse
 import sys
 
-from flows.pipeline import BENCHMARKS, REPO, ptuning
+import importlib
 
-DESCRIPTIONS = {
-    "lama": "LAMA knowledge probing (paper Table 2): P@1 per relation; defaults in params/flow.yaml `lama:`.",
-    "superglue": "SuperGLUE / FewGLUE (paper Tables 3-5); defaults in params/flow.yaml `superglue:`.",
-}
+from components.benchmarks import REGISTRY
+from flows.pipeline import ptuning
+
+
+def description(benchmark: str) -> str:
+    """The benchmark row's own one-line summary, and where the run's defaults come from."""
+    summary = (importlib.import_module(REGISTRY[benchmark]).__doc__ or benchmark).strip().splitlines()[0]
+    return f"{summary} Defaults: params/flow.yaml `{benchmark}:`."
 
 
 def deployments(only: list[str] | None = None, **kwargs) -> list:
@@ -36,9 +40,9 @@ def deployments(only: list[str] | None = None, **kwargs) -> list:
     `to_deployment` (flows.deploy passes the work pool and the job's environment)."""
     from prefect.types.entrypoint import EntrypointType
 
-    return [ptuning.to_deployment(name=benchmark, parameters={"benchmark": benchmark}, description=DESCRIPTIONS[benchmark],
+    return [ptuning.to_deployment(name=benchmark, parameters={"benchmark": benchmark}, description=description(benchmark),
                                   tags=["ptuning", benchmark], entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
-            for benchmark in (only or BENCHMARKS)]
+            for benchmark in (only or REGISTRY)]
 
 
 LOCAL_API = "http://127.0.0.1:4200/api"
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="flow runs at most at once (default: no limit)")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="serve only this deployment (repeatable)")
+    parser.add_argument("--only", action="append", choices=sorted(REGISTRY), help="serve only this deployment (repeatable)")
     args = parser.parse_args(argv)
     url = api_url()
     if not url:
@@ -80,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    os.chdir(REPO)  # runs start from the repository: params/, dvc.yaml, data/, outputs/
+    from components.config import project_root
+
+    root = project_root()  # the checkout this command runs in: its params/, dvc.yaml, data/, outputs/
+    os.environ["PTUNING_ROOT"] = str(root)  # flow-run subprocesses work in the same checkout
+    os.chdir(root)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         serve(*deployments(args.only), limit=args.limit)
     return 0

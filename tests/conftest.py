@@ -1,8 +1,11 @@
-"""Test environment: offline, no telemetry, shared data from ../shared (or $PTUNING_SHARED)."""
+"""Test environment: offline, no telemetry, shared data from ../shared (or $PTUNING_SHARED); the real services
+(MLflow and Prefect servers, PostgreSQL, Chromium) come from tests/services.py, loaded here as a plugin."""
 import os
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ("services",)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,4 +1,5 @@
 """The model catalogue: tiny random models, paper-sized configurations, real SmolLM2 weights, unknown names."""
+import json
 import socket
 import time
 
@@ -8,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 import components.models.catalog as catalog
+from components.cli import main as cli_main
 from components.models.catalog import CATALOGUE, UnknownModelError, load_lm, load_tokenizer, model_dir
 from components.method.model import PromptEncoder, PromptedLM
 from components.method.templates import collate, encode, parse_template
@@ -122,7 +124,7 @@ def test_unknown_name_fails_fast_without_downloading(name, tmp_path, monkeypatch
             call(name)
         assert time.perf_counter() - start < 3
         assert repr(name) in str(error.value) and "smollm2-135m" in str(error.value) and "tiny-bert" in str(error.value)
-    assert catalog.main([name]) == 2
+    assert cli_main(["models", "prepare", name]) == 2
     assert attempts == [] and not cache.exists()
 
 
@@ -147,8 +149,8 @@ def test_paper_sized_model_is_built_in_memory(tmp_path, monkeypatch):
 
 
 def test_prepare_prints_the_cache_location(capsys):
-    assert catalog.main(["tiny-albert"]) == 0
-    assert capsys.readouterr().out.strip() == str(model_dir("tiny-albert"))
+    assert cli_main(["models", "prepare", "tiny-albert"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["path"] == str(model_dir("tiny-albert"))
 
 
 @pytest.mark.slow

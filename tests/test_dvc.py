@@ -3,7 +3,8 @@ the project's files (the working tree may be uncommitted) next to a link to the 
 
 `dvc repro prepare_lama` works and a second run does nothing; a tiny `train_lama` (params/lama.yaml of the
 copy set to tiny-gpt2 and a few steps) makes `dvc metrics show` and `dvc plots show` work; changing one
-training parameter leaves only `train_lama` out of date."""
+training parameter leaves only `train_lama` out of date; `dvc exp run -S` trains with the value it sets (the
+stage reads the params/ of the workspace it runs in)."""
 import json
 import os
 import shutil
@@ -45,7 +46,6 @@ def dvc_repo(tmp_path_factory, repo_dir, shared_dir):
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PTUNING_PARAMS_DIR": str(repo / "params"),  # the installed `ptuning` reads the copy's params
            "PTUNING_DATA_MIRROR": str(shared_dir / "data"),
            "PYTHONPATH": str(repo),  # `python -m flows.report` of the copy
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -81,7 +81,8 @@ def test_train_stage_metrics_plots_and_param_change(dvc_repo):
 
     shown = json.loads(_dvc(repo, "metrics", "show", "--json", env=env).stdout)
     text = json.dumps(shown)
-    assert "outputs/dvc/lama/metrics.json" in text and '"p1"' in text and '"dev_score"' in text
+    assert "outputs/dvc/lama/metrics.json" in text and '"p1"' in text and '"score"' in text
+    assert set(shown[next(iter(shown))]["data"]["outputs/dvc/lama/metrics.json"]["data"]) >= {"test", "dev"}
     plots = _dvc(repo, "plots", "show", "--json", env=env)
     assert "learning_curve.csv" in plots.stdout and "dev_score" in plots.stdout
     html = _dvc(repo, "plots", "show", "-o", str(repo / "plots_html"), env=env)
@@ -100,3 +101,14 @@ def test_train_stage_metrics_plots_and_param_change(dvc_repo):
     dry = _dvc(repo, "repro", "--dry", "train_lama", env=env)
     assert "Running stage 'train_lama'" in dry.stdout
     assert "Running stage 'prepare_lama'" not in dry.stdout and "Running stage 'materialise'" not in dry.stdout
+
+
+def test_exp_run_set_param_reaches_the_training(dvc_repo):
+    """`dvc exp run -S` writes the value into the workspace's params/lama.yaml (an exponent float included):
+    the stage trains with it, read from that checkout."""
+    repo, env = dvc_repo
+    for args in (["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+    _dvc(repo, "exp", "run", "-S", "params/lama.yaml:train.lr=3e-4", "train_lama", env=env)
+    recorded = json.loads((repo / "outputs" / "dvc" / "lama" / "run" / "fingerprint.json").read_text())
+    assert recorded["params"]["train"]["lr"] == 3e-4

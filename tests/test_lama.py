@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from components.models.catalog import load_lm
-from components.cli import main
 from components.benchmarks.lama.run import candidate_vocabulary, run
-from components.config import load_params
+from components.cli import main
+from components.models.catalog import load_lm
+from components.run_config import resolve
 
 CLI = [sys.executable, "-m", "components.cli"]
 
@@ -26,11 +26,12 @@ def test_candidate_vocabulary_keeps_single_tokens_of_the_model():
 
 @pytest.mark.parametrize("method", ["manual", "ptuning", "finetune", "manual-finetune"])
 def test_every_method_runs_on_real_facts(method, lama_data_dir, tmp_path):
-    params = load_params("lama", {"task": "P36", "model": "tiny-gpt2", "method": method, "data_dir": str(lama_data_dir),
-                                  "train.max_steps": 4, "train.eval_every": 2, "train.lr": 1e-3})
-    metrics = run(params, tmp_path)
-    relation = metrics["relations"]["P36"]
-    assert 0.0 <= metrics["p1"] <= 1.0 and relation["n_test"] > 300
+    config = resolve("lama", {"task": "P36", "model": "tiny-gpt2", "method": method, "data_dir": str(lama_data_dir),
+                              "train.max_steps": 4, "train.eval_every": 2, "train.lr": 1e-3})
+    metrics = run(config, tmp_path)
+    relation = metrics["tasks"]["P36"]
+    assert 0.0 <= metrics["test"]["p1"] <= 1.0 and relation["n_test"] > 300
+    assert metrics["dev"]["score"] == metrics["dev"]["p1"] == relation["dev"]["p1"]
     assert relation["steps"] == (0 if method == "manual" else 4)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     # only P-tuning has a prompt to export
@@ -44,7 +45,7 @@ def test_cli_trains_ptuning_and_prints_metrics_last(lama_data_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert last == json.loads((out / "metrics.json").read_text())
-    assert last["vocab"] == "34k" and last["relations"]["P1376"]["steps"] == 3
+    assert last["vocab"] == "34k" and last["tasks"]["P1376"]["steps"] == 3
     assert "step" in done.stderr  # progress is shown
     meta = json.loads((out / "prompt" / "prompt.json").read_text())
     assert meta["template"] == "[P*3] {sub} [P*3] [Y] [P*3]" and meta["base_model"] == "tiny-bert"
@@ -57,8 +58,11 @@ def test_cli_trains_ptuning_and_prints_metrics_last(lama_data_dir, tmp_path):
     (["--model", "no-such-model"], "no-such-model"),
     (["--set", "template=[P*3] {sub} [P*3]"], "0 target slots"),
     (["--set", "template={object} [Y]"], "unknown slot {object}"),
-    (["--set", "train.batchsize=8"], "unknown training settings ['batchsize']"),
+    (["--set", "train.batchsize=8"], "unknown parameter 'train.batchsize'"),
     (["--set", "nonsense=1"], "unknown parameter 'nonsense'"),
+    (["--set", "train.lr=-1e-3"], "invalid training settings: lr=-0.001"),
+    (["--set", "encoder=gru"], "unknown prompt encoder 'gru'"),
+    (["--vocab", "34k", "--set", "vocab=12k"], "unknown LAMA vocabulary '12k'"),
 ])
 def test_bad_input_fails_clearly_before_any_training(args, message, lama_data_dir, tmp_path, capsys):
     code = main(["train", "lama", "--model", "tiny-gpt2", "--output-dir", str(tmp_path / "out"),
@@ -69,13 +73,48 @@ def test_bad_input_fails_clearly_before_any_training(args, message, lama_data_di
 
 
 def test_missing_data_points_to_the_stage(tmp_path, capsys):
-    assert main(["train", "lama", "--set", f"data_dir={tmp_path / 'nothing'}"]) == 2
+    assert main(["train", "lama", "--model", "tiny-gpt2", "--set", f"data_dir={tmp_path / 'nothing'}",
+                 "--output-dir", str(tmp_path / "out")]) == 2
     assert "dvc repro prepare_lama" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_directory_fails_before_any_model_loads(lama_data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", "lama", "--model", "tiny-gpt2", "--set", f"data_dir={lama_data_dir}",
+                 "--output-dir", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and str(blocker) in err and err.count("\n") == 1
+
+
+def test_exponent_floats_parse_as_numbers_everywhere(lama_data_dir, tmp_path):
+    """`--set train.lr=1e-3` once crashed with a TypeError: YAML 1.1 reads 1e-3 as a string."""
+    done = _cli("train", "lama", "--task", "P36", "--model", "tiny-gpt2", "--steps", "1", "--set", "train.lr=1e-3",
+                "--set", "train.lm_lr=5E-6", "--set", f"data_dir={lama_data_dir}", "--output-dir", str(tmp_path / "o"))
+    assert done.returncode == 0, done.stderr
+    recorded = json.loads((tmp_path / "o" / "fingerprint.json").read_text())["params"]["train"]
+    assert recorded["lr"] == 1e-3 and recorded["lm_lr"] == 5e-6
+
+
+def test_parameters_come_from_the_checkout_the_command_runs_in(lama_data_dir, tmp_path, repo_dir):
+    """A second checkout (or a DVC experiment workspace) trains on its own params/, not the installed package's."""
+    import shutil
+
+    other = tmp_path / "checkout"
+    (other / "params").mkdir(parents=True)
+    shutil.copy(repo_dir / "dvc.yaml", other / "dvc.yaml")
+    for name in ("lama", "data"):
+        shutil.copy(repo_dir / "params" / f"{name}.yaml", other / "params" / f"{name}.yaml")
+    lama = (other / "params" / "lama.yaml").read_text().replace("task: P19 ", "task: P1376 ")
+    (other / "params" / "lama.yaml").write_text(lama.replace("data_dir: data/lama", f"data_dir: {lama_data_dir}"))
+    done = _cli("train", "lama", "--model", "tiny-gpt2", "--method", "manual", "--output-dir", "out", cwd=other)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["task"] == "P1376"  # this checkout's value, not P19
 
 
 @pytest.mark.slow
 def test_smollm2_manual_prompt_knows_capitals(lama_data_dir, tmp_path):
     """Real weights: the manual prompt of P36 (capital) beats chance by far on LAMA-29k."""
-    params = load_params("lama", {"task": "P36", "model": "smollm2-135m", "method": "manual", "data_dir": str(lama_data_dir)})
-    metrics = run(params, tmp_path)
-    assert metrics["p1"] > 0.3  # chance over ~18k candidate words is ~0.0001
+    config = resolve("lama", {"task": "P36", "model": "smollm2-135m", "method": "manual", "data_dir": str(lama_data_dir)})
+    metrics = run(config, tmp_path)
+    assert metrics["test"]["p1"] > 0.3  # chance over ~18k candidate words is ~0.0001

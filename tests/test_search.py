@@ -1,5 +1,6 @@
 """Optuna search: the paper's grid, two worker processes sharing one study in PostgreSQL (every grid
-point exactly once), pruning through the real training loop, and a clear error for a dead storage."""
+point exactly once, and no worker returns while another's trial still runs), pruning through the real
+training loop, a dead worker's point taken over, and a clear error for a dead storage."""
 import json
 import os
 import subprocess
@@ -23,46 +24,47 @@ PG = "postgresql://postgres@127.0.0.1:5432"
 
 # --- a tiny real task: fit a linear regression; dev score = -MSE ---------------------------------
 
-def tiny_train(params: dict, callbacks: list, steps: int = 12, eval_every: int = 3) -> dict:
+def tiny_train(point: dict, callbacks: list, steps: int = 12, eval_every: int = 3) -> dict:
+    """A search point {"train.lr": .., "train.batch_size": ..} -> nested metrics, as a benchmark returns them."""
     torch.manual_seed(0)
     w = torch.tensor([1.0, -2.0, 0.5, 3.0])
     x = torch.randn(64, 4)
     y = x @ w
     items = list(range(64))
     model = nn.Linear(4, 1)
-    config = TrainConfig(lr=params["train"]["lr"], batch_size=params["train"]["batch_size"], epochs=50,
+    config = TrainConfig(lr=point["train.lr"], batch_size=point["train.batch_size"], epochs=50,
                          max_steps=steps, eval_every=eval_every, precision="fp32", optimizer="adam", seed=1)
 
     def loss_fn(m, batch):
         return nn.functional.mse_loss(m(batch["x"]).squeeze(-1), batch["y"])
 
     def evaluate(m):
-        return {"dev_neg_mse": -nn.functional.mse_loss(m(x).squeeze(-1), y).item()}
+        return {"dev.neg_mse": -nn.functional.mse_loss(m(x).squeeze(-1), y).item()}
 
     collate = lambda idx: {"x": x[idx], "y": y[idx]}
-    result = fit(model, items, [1] * len(items), collate, loss_fn, evaluate, config, select=("dev_neg_mse",),
+    result = fit(model, items, [1] * len(items), collate, loss_fn, evaluate, config, select=("dev.neg_mse",),
                  callbacks=callbacks)
-    return {"dev_score": result.best_metrics["dev_neg_mse"], "steps": result.steps}
-
-
-OBJECTIVE_PARAMS = {"task": "synthetic", "train": {"lr": 0.0, "batch_size": 0}}
+    return {"dev": {"score": result.best_metrics["dev.neg_mse"]}, "steps": result.steps}
 
 
 @pytest.fixture
 def pg_database():
-    psycopg2 = pytest.importorskip("psycopg2")
-    name = f"ptuning_search_{uuid.uuid4().hex[:10]}"
+    """A fresh database on the local PostgreSQL (trust auth), dropped afterwards: its URL. tests/test_stores.py
+    imports this fixture."""
+    import psycopg
+
+    name = f"ptuning_test_{uuid.uuid4().hex[:10]}"
     try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
-    except psycopg2.OperationalError as error:
+        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3,
+                                autocommit=True)
+    except psycopg.OperationalError as error:
         pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error}")
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{PG}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_default_space_is_the_papers_grid(repo_dir):
@@ -91,7 +93,7 @@ def test_unreachable_storage_fails_fast_before_training():
     started = time.time()
     with pytest.raises(StorageUnreachable, match=r"postgresql://127\.0\.0\.1:1/x"):
         study = open_study("never", "postgresql://127.0.0.1:1/x", PAPER_GRID)
-        run_search(study, OBJECTIVE_PARAMS, lambda p, cb, t: ran.append(p) or {"dev_score": 0.0}, None)
+        run_search(study, lambda p, cb, t: ran.append(p) or {"dev": {"score": 0.0}})
     assert time.time() - started < 10
     assert ran == []
 
@@ -101,7 +103,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
     from components.mlops.search import open_study, run_search
-    from test_search import OBJECTIVE_PARAMS, tiny_train
+    from test_search import tiny_train
     storage, study_name, log_path, barrier, me = sys.argv[2:7]
     study = open_study(study_name, storage, {"train.lr": [0.01, 0.03, 0.1], "train.batch_size": [8, 16]},
                        pruner="none", heartbeat=5)
@@ -109,15 +111,15 @@ WORKER = textwrap.dedent("""
     while len(os.listdir(barrier)) < 2:  # both workers start searching together
         time.sleep(0.05)
 
-    def run_trial(params, callbacks, trial):
+    def run_trial(point, callbacks, trial):
         with open(log_path, "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "trial": trial.number, "lr": params["train"]["lr"],
-                                "batch_size": params["train"]["batch_size"]}) + "\\n")
-        metrics = tiny_train(params, callbacks)
+            f.write(json.dumps({"pid": os.getpid(), "trial": trial.number, "lr": point["train.lr"],
+                                "batch_size": point["train.batch_size"]}) + "\\n")
+        metrics = tiny_train(point, callbacks)
         time.sleep(0.4)  # a trial takes a while, as real ones do
         return metrics
 
-    run_search(study, OBJECTIVE_PARAMS, run_trial, None)
+    run_search(study, run_trial)
 """)
 
 
@@ -137,7 +139,7 @@ def test_two_workers_share_one_postgres_study_and_run_every_grid_point_once(pg_d
     assert points == sorted((lr, bs) for lr in (0.01, 0.03, 0.1) for bs in (8, 16)), (runs, outputs)  # each once
     assert len({r["pid"] for r in runs}) == 2, f"both workers should have run trials: {runs}"
 
-    study = optuna.load_study(study_name="grid", storage=pg_database.replace("postgresql://", "postgresql+psycopg2://"))
+    study = optuna.load_study(study_name="grid", storage=pg_database)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 6
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 6
@@ -146,7 +148,7 @@ def test_two_workers_share_one_postgres_study_and_run_every_grid_point_once(pg_d
     assert summary(study)["complete"] == 6 and summary(study)["best_params"]["train.lr"] == 0.1
     # Joining the finished study runs nothing more.
     again = open_study("grid", pg_database, {"train.lr": [0.01, 0.03, 0.1], "train.batch_size": [8, 16]})
-    run_search(again, OBJECTIVE_PARAMS, lambda *a: pytest.fail("the grid is exhausted"), None)
+    run_search(again, lambda *a: pytest.fail("the grid is exhausted"))
     # Another grid under the same name is refused, naming the study.
     with pytest.raises(ValueError, match="'grid'.*another grid"):
         open_study("grid", pg_database, {"train.lr": [0.5]})
@@ -161,11 +163,11 @@ def test_a_trial_with_bad_reported_values_is_pruned_through_fit(tmp_path):
     for lr in (0.05, 0.1, 1e-9):
         study.enqueue_trial({"train.lr": lr, "train.batch_size": 16})
 
-    def run_trial(params, callbacks, trial):
+    def run_trial(point, callbacks, trial):
         assert any(isinstance(c, PruningCallback) for c in callbacks)
-        return tiny_train(params, callbacks)
+        return tiny_train(point, callbacks)
 
-    run_search(study, OBJECTIVE_PARAMS, run_trial, n_trials=3)
+    run_search(study, run_trial, n_trials=3)
     good, bad = study.trials[:2], study.trials[2]
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert all(sorted(t.intermediate_values) == [3, 6, 9, 12] for t in good)  # evaluations every 3 steps
@@ -180,13 +182,13 @@ def test_pruning_callback_continues_steps_across_fits_and_picks_the_metric():
     trial = study.ask()
     cb = PruningCallback(trial, metric=None)
     cb.on_train_begin({})
-    cb.on_evaluate(5, 1, {"dev_p1": 0.2}, True)
-    cb.on_evaluate(10, 2, {"dev_p1": 0.3}, True)
+    cb.on_evaluate(5, 1, {"dev.p1": 0.2}, True)
+    cb.on_evaluate(10, 2, {"dev.p1": 0.3}, True)
     cb.on_train_begin({})  # the next relation's fit starts again at step 0
-    cb.on_evaluate(5, 1, {"acc": 0.5, "f1": 0.7}, True)  # no single metric: their mean
+    cb.on_evaluate(5, 1, {"dev.acc": 0.5, "dev.f1": 0.7}, True)  # no single metric: their mean
     assert cb.reported == [(5, 0.2), (10, 0.3), (15, 0.6)]
-    with pytest.raises(KeyError, match="dev_p1"):
-        PruningCallback(trial, metric="dev_p1").on_evaluate(1, 0, {"acc": 0.1}, True)
+    with pytest.raises(KeyError, match="dev.p1"):
+        PruningCallback(trial, metric="dev.p1").on_evaluate(1, 0, {"dev.acc": 0.1}, True)
 
 
 KILLED_WORKER = textwrap.dedent("""
@@ -195,11 +197,11 @@ KILLED_WORKER = textwrap.dedent("""
     from components.mlops.search import open_study, run_search
     study = open_study("crash", sys.argv[2], {"train.lr": [0.01, 0.03, 0.1]}, pruner="none", heartbeat=1, grace=2)
 
-    def run_trial(params, callbacks, trial):
+    def run_trial(point, callbacks, trial):
         time.sleep(1.5)  # the heartbeat has been recorded
         os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-trial
 
-    run_search(study, {"train": {"lr": 0.0}}, run_trial, None)
+    run_search(study, run_trial)
 """)
 
 
@@ -211,11 +213,90 @@ def test_a_killed_workers_grid_point_is_requeued_and_run_by_another(tmp_path, re
     time.sleep(2.5)  # past the grace period: its trial is stale
     ran = []
     study = open_study("crash", storage, {"train.lr": [0.01, 0.03, 0.1]}, pruner="none", heartbeat=1, grace=2)
-    run_search(study, {"train": {"lr": 0.0}}, lambda p, cb, t: ran.append(p["train"]["lr"]) or {"dev_score": p["train"]["lr"]},
-               None)
+    run_search(study, lambda p, cb, t: ran.append(p["train.lr"]) or {"dev": {"score": p["train.lr"]}})
     assert sorted(ran) == [0.01, 0.03, 0.1]  # the dead worker's point ran again, the others once
     states = [t.state.name for t in study.trials]
     assert states.count("FAIL") == 1 and states.count("COMPLETE") == 3
     retried = [t for t in study.trials if "retry_of" in t.user_attrs]
     assert len(retried) == 1 and retried[0].user_attrs["retry_of"] == 0
     assert retried[0].params == study.trials[0].params
+
+
+def test_the_value_is_the_flattened_metric_and_a_missing_one_is_named(tmp_path):
+    study = open_study("values", f"sqlite:///{tmp_path / 'optuna.db'}", {"train.lr": [0.1, 0.2]}, pruner="none")
+    run_search(study, lambda p, cb, t: {"dev": {"score": p["train.lr"] * 2, "p1": 0.5}, "task": "P19"})
+    assert sorted(t.value for t in study.trials) == [0.2, 0.4]
+    assert study.trials[0].user_attrs == {"dev.score": study.trials[0].value, "dev.p1": 0.5}  # numeric ones only
+    other = open_study("missing", f"sqlite:///{tmp_path / 'optuna.db'}", {"train.lr": [0.1]}, pruner="none")
+    with pytest.raises(KeyError, match=r"no numeric 'dev.score'.*\['dev.acc'\]"):
+        run_search(other, lambda p, cb, t: {"dev": {"acc": 0.3}})
+
+
+PACED_WORKER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from components.mlops.search import open_study, run_search, summary
+    storage, events, role = sys.argv[2:5]
+    study = open_study("paced", storage, {"train.lr": [0.01, 0.02]}, pruner="none", heartbeat=1, grace=2)
+
+    def note(what, **more):
+        with open(events, "a") as f:
+            f.write(json.dumps({"role": role, "what": what, "time": time.time(), **more}) + "\\n")
+
+    def started(who):
+        return any(json.loads(line)["role"] == who and json.loads(line)["what"] == "trial"
+                   for line in open(events))
+
+    def run_trial(point, callbacks, trial):
+        note("trial", lr=point["train.lr"], number=trial.number)
+        if role == "fast":
+            while not started("slow") and not started("doomed"):  # the other worker holds the other point
+                time.sleep(0.05)
+        elif role == "slow":
+            time.sleep(4)  # still running long after the fast worker ran out of points
+        elif role == "doomed":
+            time.sleep(1.5)  # its heartbeat is recorded
+            os.kill(os.getpid(), signal.SIGKILL)
+        note("trial-end", lr=point["train.lr"])
+        return {"dev": {"score": point["train.lr"]}}
+
+    if role != "fast":  # the fast worker asks first and takes trial 0
+        while not started("fast"):
+            time.sleep(0.05)
+    run_search(study, run_trial, poll=0.2)
+    note("returned", summary=summary(study))
+""")
+
+
+def _paced_workers(storage: str, events, roles: tuple[str, ...], repo_dir) -> dict:
+    events.write_text("")
+    workers = {role: subprocess.Popen([sys.executable, "-c", PACED_WORKER, str(repo_dir), storage, str(events), role],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for role in roles}
+    outputs = {role: w.communicate(timeout=120)[0] for role, w in workers.items()}
+    return {role: (workers[role].returncode, outputs[role]) for role in roles}
+
+
+def test_a_worker_out_of_points_returns_only_after_the_other_workers_trial_finished(pg_database, tmp_path, repo_dir):
+    events = tmp_path / "events.jsonl"
+    done = _paced_workers(pg_database, events, ("fast", "slow"), repo_dir)
+    assert all(rc == 0 for rc, _ in done.values()), done
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    at = {(e["role"], e["what"]): e for e in log}
+    assert {e["lr"] for e in log if e["what"] == "trial"} == {0.01, 0.02}  # one point each
+    # The fast worker ran out of grid points while the slow one's trial ran: it waited for it.
+    assert at["fast", "trial-end"]["time"] + 2 < at["slow", "trial-end"]["time"] <= at["fast", "returned"]["time"]
+    seen_by_fast = at["fast", "returned"]["summary"]
+    assert seen_by_fast["complete"] == 2 and seen_by_fast["running"] == 0
+    assert seen_by_fast["best_params"] == {"train.lr": 0.02}  # the slow worker's point, the better one
+
+
+def test_a_waiting_worker_takes_over_the_point_of_a_worker_that_died(tmp_path, repo_dir):
+    events = tmp_path / "events.jsonl"
+    done = _paced_workers(f"sqlite:///{tmp_path / 'optuna.db'}", events, ("fast", "doomed"), repo_dir)
+    assert done["doomed"][0] == -9 and done["fast"][0] == 0, done
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    doomed_lr = next(e["lr"] for e in log if e["role"] == "doomed" and e["what"] == "trial")
+    fast_runs = [e["lr"] for e in log if e["role"] == "fast" and e["what"] == "trial-end"]
+    assert sorted(fast_runs) == [0.01, 0.02] and doomed_lr in fast_runs  # its own point, then the dead one's
+    summary_seen = next(e["summary"] for e in log if e["what"] == "returned")
+    assert summary_seen["complete"] == 2 and summary_seen["fail"] == 1 and summary_seen["running"] == 0

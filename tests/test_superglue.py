@@ -1,18 +1,28 @@
-"""SuperGLUE / FewGLUE: the task registry, readers on the real data, patterns, the prepare_fewglue stage,
-truncation, every method end to end on tiny models, the special cases (COPA, WSC, MultiRC), bad inputs."""
+"""SuperGLUE / FewGLUE: the task table, readers on the real data, patterns, the prepare_fewglue stage,
+truncation, each task kind on tiny models, every method end to end, the metrics' split names, bad inputs."""
 import dataclasses
 import json
-import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-import components.benchmarks.superglue.run as sg
-from components.models.catalog import load_lm
-from components.config import load_params
+from components.benchmarks.superglue import kinds
+from components.benchmarks.superglue.inputs import Inputs
+from components.benchmarks.superglue.kinds import Classification
+from components.benchmarks.superglue.methods import METHODS
+from components.benchmarks.superglue.prepare import prepare
+from components.benchmarks.superglue.run import load_splits, plan, run
+from components.benchmarks.superglue.tasks import TASKS, Example, TaskError, read_examples, templates_for, verbalizer_ids
+from components.common import flatten
+from components.config import apply_overrides, load_params
 from components.data.sources import DataError
-from components.benchmarks.superglue.run import TASKS, TaskError
+from components.method.model import PromptedLM, PromptEncoder
 from components.method.templates import encode
+from components.models.catalog import load_lm
+from components.run_config import resolve
+from components.run_dir import execute
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +33,7 @@ def raw_dir(shared_dir):
 @pytest.fixture(scope="session")
 def fewglue_dir(raw_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fewglue")
-    sg.prepare(raw_dir, out, seed=42)
+    prepare(raw_dir, out, seed=42)
     return out
 
 
@@ -38,10 +48,28 @@ def gpt2():
 
 
 def make_params(fewglue_dir, **overrides):
-    return load_params("superglue", {"data_dir": str(fewglue_dir), **overrides})
+    return apply_overrides(load_params("superglue"), {"data_dir": str(fewglue_dir), **overrides})
 
 
-# --- registry and readers ----------------------------------------------------------------------------
+def render(template, fields, n_masks=1, mask="[MASK]"):
+    """The pattern filled in as text: [P] for each continuous token, `mask` at the answer."""
+    pieces = []
+    for part in template.parts:
+        if part.kind == "prompt":
+            pieces += ["[P]"] * part.count
+        elif part.kind == "slot":
+            pieces.append(fields[part.value])
+        elif part.kind == "anchor":
+            pieces.append(part.value)
+        else:
+            pieces += [mask] * n_masks
+    return " ".join(pieces)
+
+
+SPAN_OPTIONS = load_params("superglue")["span_generation"]
+
+
+# --- the task table and readers ------------------------------------------------------------------------
 
 def test_registry_covers_the_seven_tasks():
     assert set(TASKS) == {"boolq", "cb", "copa", "multirc", "rte", "wic", "wsc"}
@@ -49,11 +77,28 @@ def test_registry_covers_the_seven_tasks():
         assert spec.metrics and spec.reader and spec.patterns
         for text in spec.patterns.values():
             assert "[P]" in text and "[Y]" in text
-        assert (spec.verbalizer is None) == (spec.name in ("copa", "wsc"))
+        # a verbalizer exactly for the kinds that classify through one
+        assert (spec.verbalizer is not None) == isinstance(spec.kind, Classification)
         if spec.verbalizer:
             assert set(spec.verbalizer) == set(spec.labels)
+    assert {name: spec.kind.name for name, spec in TASKS.items()} == {
+        "boolq": "classification", "cb": "classification", "rte": "classification", "wic": "classification",
+        "multirc": "grouped_classification", "copa": "choice_scoring", "wsc": "span_generation"}
     assert TASKS["cb"].metrics == ("acc", "f1_macro") and TASKS["multirc"].metrics == ("em", "f1a")
     assert set(TASKS["copa"].patterns) == {"cause", "effect"}
+    assert [name for name, spec in TASKS.items() if not spec.full_train] == ["boolq"]
+
+
+def test_no_task_name_appears_outside_its_row():
+    package = Path(kinds.__file__).parent
+    names = sorted({n for spec in TASKS.values() for n in (spec.name, spec.folder)}, key=len, reverse=True)
+    pattern = re.compile(r"(?<![A-Za-z])(" + "|".join(names) + r")(?![A-Za-z])", re.IGNORECASE)
+    sources = sorted(p for p in package.glob("*.py") if p.name != "tasks.py")
+    assert {p.name for p in sources} >= {"__init__.py", "kinds.py", "methods.py", "prepare.py", "run.py"}
+    found = [f"{p.name}:{i}: {line.strip()}" for p in sources
+             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []
+    assert pattern.search('if spec.name == "multirc":') and pattern.search("def wsc_match(")  # what it catches
 
 
 @pytest.mark.parametrize("task, split, expected", [
@@ -64,19 +109,30 @@ def test_registry_covers_the_seven_tasks():
     ("wic", "superglue/WiC/train", 5428), ("wsc", "superglue/WSC/train", 554),
 ] + [(t, f"fewglue/{TASKS[t].folder}/train", 32) for t in TASKS if t != "multirc"])
 def test_readers_read_every_example(raw_dir, task, split, expected):
-    examples = sg.read_examples(TASKS[task], raw_dir / f"{split}.jsonl")
+    examples = read_examples(TASKS[task], raw_dir / f"{split}.jsonl")
     assert len(examples) == expected
     assert all(ex.label in TASKS[task].labels for ex in examples)
 
 
 def test_multirc_reader_groups_answer_options_by_question(raw_dir):
-    val = sg.read_examples(TASKS["multirc"], raw_dir / "superglue/MultiRC/val.jsonl")
+    val = read_examples(TASKS["multirc"], raw_dir / "superglue/MultiRC/val.jsonl")
     assert len({ex.group for ex in val}) == 953  # README: 83 passages / 953 questions / 4848 answers
     assert len({ex.group.split("-")[0] for ex in val}) == 83
-    train32 = sg.read_examples(TASKS["multirc"], raw_dir / "fewglue/MultiRC/train.jsonl")
+    train32 = read_examples(TASKS["multirc"], raw_dir / "fewglue/MultiRC/train.jsonl")
     assert len({ex.group for ex in train32}) == 32
-    train = sg.read_examples(TASKS["multirc"], raw_dir / "superglue/MultiRC/train.jsonl")
+    train = read_examples(TASKS["multirc"], raw_dir / "superglue/MultiRC/train.jsonl")
     assert len({ex.group.split("-")[0] for ex in train}) == 456
+
+
+def test_grouped_classification_scores_and_shortens_by_whole_questions(raw_dir):
+    spec = TASKS["multirc"]
+    val = read_examples(spec, raw_dir / "superglue/MultiRC/val.jsonl")
+    cut = spec.kind.limit(val, 5)
+    assert len(cut) >= 5 and cut == val[:len(cut)] and val[len(cut)].group != cut[-1].group
+    assert all(sum(ex.group == g for ex in cut) == sum(ex.group == g for ex in val) for g in {ex.group for ex in cut})
+    assert spec.kind.groups(cut) == [ex.group for ex in cut]
+    plain = TASKS["rte"].kind
+    assert plain.limit(val, 5) == val[:5] and plain.groups(val) is None and plain.limit(val, None) == val
 
 
 # --- patterns -----------------------------------------------------------------------------------------
@@ -89,17 +145,18 @@ def test_rte_pattern_manual_and_ptuning(tmp_path):
     row = {"premise": RTE_FIELDS["premise"], "hypothesis": RTE_FIELDS["hypothesis"], "label": "entailment", "idx": 0}
     path = tmp_path / "rte.jsonl"
     path.write_text(json.dumps(row) + "\n")
-    ex = sg.read_examples(spec, path)[0]
+    ex = read_examples(spec, path)[0]
     assert ex.fields["hypothesis"] == "A person is outside"  # final punctuation stripped
-    manual = sg.templates_for(spec, "manual-zeroshot", {})["default"]
-    ptuning = sg.templates_for(spec, "ptuning", {})["default"]
-    assert sg.render(manual, ex.fields) == "A man walks his dog in the park. Question: A person is outside ? Answer: [MASK] ."
-    assert sg.render(ptuning, ex.fields) == "A man walks his dog in the park. Question: A person is outside ? [P] Answer: [MASK] ."
+    manual = METHODS["manual-zeroshot"].templates(spec, {})["default"]
+    ptuning = METHODS["ptuning"].templates(spec, {})["default"]
+    assert render(manual, ex.fields) == "A man walks his dog in the park. Question: A person is outside ? Answer: [MASK] ."
+    assert render(ptuning, ex.fields) == "A man walks his dog in the park. Question: A person is outside ? [P] Answer: [MASK] ."
     assert ptuning.n_prompt_tokens == 1 and manual.n_prompt_tokens == 0
+    assert METHODS["finetune"].templates(spec, {}) == {}
 
 
 def test_rte_prompt_token_sits_between_question_mark_and_answer(bert, gpt2):
-    template = sg.templates_for(TASKS["rte"], "ptuning", {})["default"]
+    template = templates_for(TASKS["rte"], {})["default"]
     for lm in (bert, gpt2):
         e = encode(template, lm.tokenizer, {"premise": "A man walks.", "hypothesis": "A person moves"}, lm.causal)
         p = e.prompt_index.index(0)
@@ -108,20 +165,20 @@ def test_rte_prompt_token_sits_between_question_mark_and_answer(bert, gpt2):
 
 
 def test_other_patterns_render_as_in_the_paper(bert, gpt2):
-    def render(task, method, fields, key="default", n=1, tokenizer=None, params=None):
-        return sg.render(sg.templates_for(TASKS[task], method, params or {}, tokenizer)[key], fields, n)
+    def filled(task, method, fields, key="default", n=1, tokenizer=None, params=None):
+        return render(METHODS[method].templates(TASKS[task], params or {}, tokenizer)[key], fields, n)
 
     cb = {"premise": "It rained.", "hypothesis": "it was wet"}
-    assert render("cb", "ptuning", cb, tokenizer=bert.tokenizer) == "It rained. [SEP] it was wet ? [P] answer: [MASK]"
-    assert render("cb", "manual-finetune", cb, tokenizer=gpt2.tokenizer) == "It rained. it was wet ? answer: [MASK]"
-    assert render("cb", "manual-finetune", cb, tokenizer=gpt2.tokenizer, params={"sep_fallback": "|"}) == \
+    assert filled("cb", "ptuning", cb, tokenizer=bert.tokenizer) == "It rained. [SEP] it was wet ? [P] answer: [MASK]"
+    assert filled("cb", "manual-finetune", cb, tokenizer=gpt2.tokenizer) == "It rained. it was wet ? answer: [MASK]"
+    assert filled("cb", "manual-finetune", cb, tokenizer=gpt2.tokenizer, params={"sep_fallback": "|"}) == \
         "It rained. | it was wet ? answer: [MASK]"
     bq = {"passage": "The sky is blue", "question": "is the sky blue"}
-    assert render("boolq", "ptuning", bq) == "The sky is blue . [P] Question: is the sky blue ? Answer: [MASK] ."
+    assert filled("boolq", "ptuning", bq) == "The sky is blue . [P] Question: is the sky blue ? Answer: [MASK] ."
     mr = {"passage": "P", "question": "Q", "answer": "A"}
-    assert render("multirc", "ptuning", mr) == "P . Question: Q ? Is it A ? [P] [MASK] ."
+    assert filled("multirc", "ptuning", mr) == "P . Question: Q ? Is it A ? [P] [MASK] ."
     wic = {"sentence1": "S1.", "sentence2": "S2.", "word": "bank"}
-    assert render("wic", "manual-zeroshot", wic) == "S1. [SEP] S2. * bank *? [MASK]"
+    assert filled("wic", "manual-zeroshot", wic) == "S1. [SEP] S2. * bank *? [MASK]"
 
 
 def test_copa_pattern_depends_on_the_question_and_masks_each_choice(tmp_path, bert):
@@ -132,20 +189,22 @@ def test_copa_pattern_depends_on_the_question_and_masks_each_choice(tmp_path, be
              "question": "effect", "label": 1, "idx": 1}]
     path = tmp_path / "copa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cause, effect = sg.read_examples(spec, path)
+    cause, effect = read_examples(spec, path)
     assert cause.pattern == "cause" and effect.pattern == "effect"
     assert cause.fields == {"premise": "The man broke his toe", "choice1": "he dropped a hammer on his foot",
                             "choice2": "he got a hole in his sock"}
-    templates = sg.templates_for(spec, "ptuning", {})
-    assert sg.render(templates["cause"], cause.fields, 2) == \
+    templates = templates_for(spec, {})
+    assert render(templates["cause"], cause.fields, 2) == \
         "he dropped a hammer on his foot or he got a hole in his sock ? The man broke his toe because [P] [MASK] [MASK] ."
-    assert " so [P] [MASK] ." in sg.render(templates["effect"], effect.fields)
-    encoder = sg.Encoder(spec, "ptuning", bert.tokenizer, False, templates, 96)
-    item = encoder.items([cause], train=True)[0]
-    for enc, target in zip(item["encs"], item["targets"]):
-        assert target == bert.tokenizer.encode(" " + cause.fields["choice1" if target is item["targets"][0] else "choice2"],
-                                               add_special_tokens=False)
+    assert " so [P] [MASK] ." in render(templates["effect"], effect.fields)
+    inputs = Inputs(spec, bert.tokenizer, False, "tiny-bert", templates, 96)
+    item = spec.kind.items([cause], inputs, train=True)[0]
+    for choice, enc, target in zip(("choice1", "choice2"), item["encs"], item["targets"]):
+        assert target == bert.tokenizer.encode(" " + cause.fields[choice], add_special_tokens=False)
         assert sum(i == bert.tokenizer.mask_token_id for i in enc.input_ids) == len(target) == len(enc.read_positions)
+    # finetune reads (premise + connective, choice) per choice
+    assert spec.pairs(effect) == [("I tipped the bottle so", "the liquid in the bottle froze"),
+                                  ("I tipped the bottle so", "the liquid in the bottle poured out")]
 
 
 def test_wsc_pattern_marks_the_pronoun(tmp_path):
@@ -153,21 +212,25 @@ def test_wsc_pattern_marks_the_pronoun(tmp_path):
            "target": {"span1_index": 1, "span1_text": "actress", "span2_index": 6, "span2_text": "she"}, "label": True, "idx": 3}
     path = tmp_path / "wsc.jsonl"
     path.write_text(json.dumps(row) + "\n")
-    ex = sg.read_examples(TASKS["wsc"], path)[0]
+    ex = read_examples(TASKS["wsc"], path)[0]
     assert ex.fields["text"] == "The actress changed her name because *she* liked it."
-    template = sg.templates_for(TASKS["wsc"], "ptuning", {})["default"]
+    template = templates_for(TASKS["wsc"], {})["default"]
     assert template.n_prompt_tokens == 2
-    assert sg.render(template, ex.fields) == \
+    assert render(template, ex.fields) == \
         "[P] The actress changed her name because *she* liked it. [P] pronoun '* she *' refers to [MASK] ."
 
 
 def test_verbalizers_are_single_tokens_or_fail_clearly(bert, gpt2):
     for lm in (bert, gpt2):
-        assert len(sg.verbalizer_ids(TASKS["cb"], lm.tokenizer)) == 3
-    assert gpt2.tokenizer.convert_ids_to_tokens(sg.verbalizer_ids(TASKS["rte"], gpt2.tokenizer)) == ["ĠYes", "ĠNo"]
+        assert len(verbalizer_ids(TASKS["cb"], lm.tokenizer)) == 3
+    assert gpt2.tokenizer.convert_ids_to_tokens(verbalizer_ids(TASKS["rte"], gpt2.tokenizer)) == ["ĠYes", "ĠNo"]
     bad = dataclasses.replace(TASKS["rte"], verbalizer={"entailment": "Yes", "not_entailment": "Supercalifragilistic"})
     with pytest.raises(TaskError, match="verbalizer word 'Supercalifragilistic' .*not a single token"):
-        sg.verbalizer_ids(bad, gpt2.tokenizer, "tiny-gpt2")
+        verbalizer_ids(bad, gpt2.tokenizer, "tiny-gpt2")
+    # the classification kind checks it before any item is built
+    inputs = Inputs(bad, gpt2.tokenizer, True, "tiny-gpt2", templates_for(bad, {}, gpt2.tokenizer), 64)
+    with pytest.raises(TaskError, match="not a single token of tiny-gpt2"):
+        bad.kind.check(inputs)
 
 
 # --- prepare_fewglue ------------------------------------------------------------------------------------
@@ -187,7 +250,7 @@ def test_prepare_builds_disjoint_dev32_no_larger_than_train32(fewglue_dir):
         assert not {spec.key(r) for r in dev32} & ({spec.key(r) for r in train32} | {spec.key(r) for r in val})
         assert not {r["idx"] for r in dev32} & {r["idx"] for r in train32}
         if name == "multirc":
-            assert sum(len(r["passage"]["questions"]) for r in dev32) == 32
+            assert sum(len(r["passage"]["questions"]) for r in dev32) == 32 == len(dev32)  # one question per passage
         else:
             assert len(dev32) == 32
 
@@ -212,9 +275,9 @@ def test_prepare_full_setting_splits_train_into_disjoint_train_and_dev(fewglue_d
 
 def test_prepare_is_deterministic_for_a_seed(raw_dir, fewglue_dir, tmp_path):
     again = tmp_path / "again"
-    sg.prepare(raw_dir, again, seed=42, tasks=["rte", "multirc"])
+    prepare(raw_dir, again, seed=42, tasks=["rte", "multirc"])
     other = tmp_path / "other"
-    sg.prepare(raw_dir, other, seed=7, tasks=["rte"])
+    prepare(raw_dir, other, seed=7, tasks=["rte"])
     for folder in ("RTE", "MultiRC"):
         for split in ("dev32", "train", "dev"):
             assert (again / folder / f"{split}.jsonl").read_bytes() == (fewglue_dir / folder / f"{split}.jsonl").read_bytes()
@@ -231,10 +294,9 @@ def test_prepare_is_deterministic_for_a_seed(raw_dir, fewglue_dir, tmp_path):
 def test_truncation_cuts_the_passage_only(task, fields, model, bert, gpt2):
     lm = bert if model == "tiny-bert" else gpt2
     spec = TASKS[task]
-    templates = sg.templates_for(spec, "ptuning", {}, lm.tokenizer)
-    encoder = sg.Encoder(spec, "ptuning", lm.tokenizer, lm.causal, templates, max_length=64)
-    ex = sg.Example("x", fields, "True" if task == "boolq" else "1")
-    enc = encoder.items([ex], train=False)[0]["enc"]
+    inputs = Inputs(spec, lm.tokenizer, lm.causal, model, templates_for(spec, {}, lm.tokenizer), max_length=64)
+    ex = Example("x", fields, "True" if task == "boolq" else "1")
+    enc = spec.kind.items([ex], inputs, train=False)[0]["enc"]
     assert len(enc.input_ids) == 64
     assert sorted(i for i in enc.prompt_index if i >= 0) == [0]  # the prompt token survives
     text = lm.tokenizer.decode([t for t, p in zip(enc.input_ids, enc.prompt_index) if p < 0])
@@ -244,50 +306,96 @@ def test_truncation_cuts_the_passage_only(task, fields, model, bert, gpt2):
     # the answer slot and the final anchor are there: [MASK] . (masked) / the read position (causal)
     assert enc.target_positions and enc.read_positions[0] >= 0
     # the finetune baseline cuts the passage too
-    head = sg.Encoder(spec, "finetune", lm.tokenizer, lm.causal, {}, max_length=64)
-    ids = head.items([ex], train=False)[0]["ids"][0]
+    head_inputs = Inputs(spec, lm.tokenizer, lm.causal, model, {}, max_length=64)
+    ids = METHODS["finetune"].items([ex], head_inputs, train=False)[0]["ids"][0]
     assert len(ids) <= 64 and fields["question"].replace(" ", "") in lm.tokenizer.decode(ids).replace(" ", "")
 
 
-# --- parameters --------------------------------------------------------------------------------------------
+# --- parameters: the plan --------------------------------------------------------------------------------
 
 def test_setting_defaults_follow_the_paper(fewglue_dir):
-    rte = sg.train_config(make_params(fewglue_dir, setting="fewshot"), TASKS["rte"], 32)
+    def config(task, setting):
+        return plan(make_params(fewglue_dir, task=task, setting=setting, model="tiny-bert"))[0].train
+
+    rte = config("rte", "fewshot")
     assert (rte.max_steps, rte.lr, rte.lm_lr, rte.warmup_steps, rte.batch_size, rte.eval_every, rte.patience) == \
         (3500, 1e-4, 1e-5, 150, 16, 20, 10)
-    assert rte.epochs == math.ceil(3500 / 2)
-    cb = sg.train_config(make_params(fewglue_dir, setting="fewshot"), TASKS["cb"], 32)
+    assert rte.epochs is None  # as many passes over train32 as the step count needs
+    cb = config("cb", "fewshot")
     assert (cb.max_steps, cb.lr) == (250, 1e-5)
-    full_rte = sg.train_config(make_params(fewglue_dir, setting="full"), TASKS["rte"], 2240)
-    full_wic = sg.train_config(make_params(fewglue_dir, setting="full"), TASKS["wic"], 4885)
+    full_rte, full_wic = config("rte", "full"), config("wic", "full")
     assert (full_rte.epochs, full_wic.epochs, full_rte.eval_every, full_rte.max_steps, full_rte.lr) == (20, 10, None, None, 1e-5)
     assert full_rte.patience is not None
+    assert plan(make_params(fewglue_dir, method="manual-zeroshot", model="tiny-bert"))[0].train is None  # nothing trains
+    assert [t.task for t in plan(make_params(fewglue_dir, task="cb, rte", model="tiny-bert"))] == ["cb", "rte"]
+
+
+# --- each kind on a tiny model ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task, model", [("rte", "tiny-bert"), ("multirc", "tiny-gpt2"), ("copa", "tiny-bert"),
+                                         ("copa", "tiny-gpt2"), ("wsc", "tiny-bert"), ("wsc", "tiny-gpt2")])
+def test_each_kind_gives_a_loss_that_reaches_the_prompt_and_predicts_labels(fewglue_dir, task, model, bert, gpt2):
+    lm = bert if model == "tiny-bert" else gpt2
+    spec = TASKS[task]
+    examples = read_examples(spec, fewglue_dir / spec.folder / "train32.jsonl")[:6]
+    templates = templates_for(spec, {}, lm.tokenizer)
+    inputs = Inputs(spec, lm.tokenizer, lm.causal, model, templates, 128, options=SPAN_OPTIONS, seed=1)
+    kind = spec.kind
+    kind.check(inputs)
+    torch.manual_seed(0)
+    prompt = PromptEncoder(next(iter(templates.values())).n_prompt_tokens, lm.model.get_input_embeddings().embedding_dim, "lstm")
+    prompted = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True)
+    train = kind.items(examples, inputs, train=True)
+    assert train and all(kind.length(i) > 0 for i in train)
+    loss = kind.loss(prompted, kind.collate(train, inputs))
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in prompt.parameters())
+    evaluation = kind.items(examples, inputs, train=False)
+    with torch.no_grad():
+        predicted = kind.predict(prompted, kind.collate(evaluation, inputs), evaluation, inputs)
+    assert len(predicted) == len(examples) and set(predicted) <= set(spec.labels)
 
 
 # --- end to end ----------------------------------------------------------------------------------------------
 
 def _run(fewglue_dir, tmp_path, **overrides):
-    params = make_params(fewglue_dir, **{"train.max_steps": 2, "train.eval_every": 2, "max_eval_examples": 16,
-                                         "eval_batch_size": 16, **overrides})
-    metrics = sg.run(params, tmp_path)
-    on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert on_disk == json.loads(json.dumps(metrics))
+    config = resolve("superglue", {"data_dir": str(fewglue_dir), "train.max_steps": 2, "train.eval_every": 2,
+                                   "max_eval_examples": 16, "eval_batch_size": 16, **overrides})
+    metrics, reused = execute(config, tmp_path)
+    assert not reused
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert (tmp_path / "history.json").exists()
-    for key in ("benchmark", "task", "model", "method", "setting", "dev_score", "prompts", "val", "dev"):
+    for key in ("benchmark", "task", "model", "method", "setting", "dev", "val", "tasks", "prompts"):
         assert key in metrics
-    assert 0.0 <= metrics["dev_score"] <= 1.0
-    assert not (tmp_path / "checkpoint").exists()  # removed after a finished run (keep_checkpoint: false)
+    # every figure names its split: no flat `acc` or `score` at the top
+    assert not {"acc", "score", "dev_score", "val_score", "f1a", "em"} & set(metrics)
+    flat = flatten(metrics)
+    assert 0.0 <= flat["dev.score"] <= 1.0 and 0.0 <= flat["val.score"] <= 1.0
+    assert not (tmp_path / "checkpoint").exists()  # removed after a finished run
     return metrics
 
 
-@pytest.mark.parametrize("method", sg.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2"])
 def test_every_method_runs_on_rte(fewglue_dir, tmp_path, method, model):
     metrics = _run(fewglue_dir, tmp_path, task="rte", model=model, method=method)
-    assert metrics["steps"] == (0 if method == "manual-zeroshot" else 2)
-    assert metrics["acc"] == metrics["val"]["acc"] and metrics["dev_score"] == metrics["dev"]["acc"]
+    task = metrics["tasks"]["rte"]
+    assert task["steps"] == (0 if method == "manual-zeroshot" else 2)
+    assert metrics["val"] == task["val"] and metrics["dev"]["score"] == metrics["dev"]["acc"] == task["dev"]["acc"]
+    history = json.loads((tmp_path / "history.json").read_text())["rte"]
+    assert len(history) == (0 if method == "manual-zeroshot" else 1)
+    assert all(set(h) == {"step", "epoch", "dev.acc"} for h in history)  # what the tracker logs, split named
     if method == "ptuning":
         assert (tmp_path / "prompt" / "prompt.safetensors").exists() and metrics["prompts"] == {"rte": str(tmp_path / "prompt")}
+        meta = json.loads((tmp_path / "prompt" / "prompt.json").read_text())
+        causal = model == "tiny-gpt2"
+        assert {k: meta[k] for k in ("benchmark", "task", "kind", "labels", "verbalizer", "lm_trained", "causal",
+                                      "setting", "max_length", "truncate")} == {
+            "benchmark": "superglue", "task": "rte", "kind": "classification", "labels": ["entailment", "not_entailment"],
+            "verbalizer": {"entailment": "Yes", "not_entailment": "No"}, "lm_trained": True, "causal": causal,
+            "setting": "fewshot", "max_length": 256, "truncate": "premise"}
+        assert meta["patterns"] == {"default": meta["template"]} and "[P]" in meta["template"]
     else:
         assert metrics["prompts"] == {}
 
@@ -301,15 +409,35 @@ def test_every_method_runs_on_rte(fewglue_dir, tmp_path, method, model):
 def test_special_tasks_run_end_to_end(fewglue_dir, tmp_path, task, model, method):
     metrics = _run(fewglue_dir, tmp_path, task=task, model=model, method=method)
     names = TASKS[task].metrics
-    assert set(metrics["val"]) == set(names)
-    assert metrics["dev_score"] == pytest.approx(sum(metrics["dev"][n] for n in names) / len(names))
+    assert set(metrics["val"]) == set(names) | {"score"}
+    assert metrics["dev"]["score"] == pytest.approx(sum(metrics["dev"][n] for n in names) / len(names))
     if task == "wsc" and method != "finetune":
-        assert metrics["n_train"] == 32  # FewGLUE's WSC train32 holds True examples only (False ones are dropped)
+        assert metrics["tasks"]["wsc"]["n_train"] == 32  # FewGLUE's WSC train32 holds True examples only
+    if method == "ptuning":
+        assert json.loads((tmp_path / "prompt" / "prompt.json").read_text())["kind"] == TASKS[task].kind.name
+
+
+def test_fewshot_training_takes_as_many_passes_as_its_steps_need(fewglue_dir, tmp_path):
+    # train32 in batches of 16: two steps per pass, so five steps take three passes
+    metrics = _run(fewglue_dir, tmp_path, task="rte", model="tiny-bert", method="manual-finetune",
+                   **{"train.max_steps": 5, "train.eval_every": 5})
+    assert metrics["tasks"]["rte"]["steps"] == 5
+    assert json.loads((tmp_path / "history.json").read_text())["rte"][-1]["epoch"] == 2
+
+
+def test_several_tasks_report_each_and_the_mean_score(fewglue_dir, tmp_path):
+    metrics = _run(fewglue_dir, tmp_path, task="cb,multirc", model="tiny-bert", method="manual-zeroshot")
+    tasks = metrics["tasks"]
+    assert set(tasks) == {"cb", "multirc"} and set(tasks["multirc"]["val"]) == {"em", "f1a", "score"}
+    for split in ("dev", "val"):
+        assert metrics[split] == {"score": pytest.approx((tasks["cb"][split]["score"] + tasks["multirc"][split]["score"]) / 2)}
+    assert (tmp_path / "cb").is_dir() and (tmp_path / "multirc").is_dir()
 
 
 def test_full_setting_selects_on_the_held_out_dev(fewglue_dir, tmp_path):
     metrics = _run(fewglue_dir, tmp_path, task="cb", model="tiny-bert", method="ptuning", setting="full")
-    assert metrics["selected_on"] == "dev" and metrics["n_train"] == 225 and metrics["n_dev"] == 16
+    task = metrics["tasks"]["cb"]
+    assert task["selected_on"] == "dev" and task["n_train"] == 225 and task["n_dev"] == 16
 
 
 def test_cli_prints_the_metrics_as_its_last_line(fewglue_dir, tmp_path, capsys):
@@ -319,24 +447,24 @@ def test_cli_prints_the_metrics_as_its_last_line(fewglue_dir, tmp_path, capsys):
                  "--steps", "2", "--eval-every", "1", "--output-dir", str(tmp_path),
                  "--set", f"data_dir={fewglue_dir}", "--set", "max_eval_examples=16"])
     assert code == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last) == json.loads((tmp_path / "metrics.json").read_text())
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads((tmp_path / "metrics.json").read_text())
+    assert {"dev.acc", "dev.score", "val.acc", "val.score"} <= set(flatten(last))
 
 
 # --- the special cases in detail ----------------------------------------------------------------------------
 
 def test_copa_scores_each_choice_by_its_summed_teacher_forced_log_probability(gpt2):
     spec = TASKS["copa"]
-    templates = sg.templates_for(spec, "manual-finetune", {}, gpt2.tokenizer)
-    encoder = sg.Encoder(spec, "manual-finetune", gpt2.tokenizer, True, templates, 96)
-    ex = sg.Example("c", {"premise": "The man broke his toe", "choice1": "he dropped a hammer on his foot",
-                          "choice2": "he got a hole"}, "0", pattern="cause")
-    item = encoder.items([ex], train=True)[0]
-    from components.method.model import PromptedLM
+    inputs = Inputs(spec, gpt2.tokenizer, True, "tiny-gpt2", METHODS["manual-finetune"].templates(spec, {}, gpt2.tokenizer), 96)
+    ex = Example("c", {"premise": "The man broke his toe", "choice1": "he dropped a hammer on his foot",
+                       "choice2": "he got a hole"}, "0", pattern="cause")
+    kind = spec.kind
+    item = kind.items([ex], inputs, train=True)[0]
     model = PromptedLM(gpt2.model, None, True, freeze_lm=True)
-    batch = encoder.collate([item])
+    batch = kind.collate([item], inputs)
     with torch.no_grad():
-        scores = sg._token_log_probs(model, batch).sum(-1)
+        scores = kinds.token_log_probs(model, batch).sum(-1)
         for row, (enc, target) in enumerate(zip(item["encs"], item["targets"])):
             logits = gpt2.model(input_ids=torch.tensor([enc.input_ids])).logits[0].log_softmax(-1)
             by_hand = sum(logits[p - 1, t] for p, t in zip(enc.target_positions, target))
@@ -344,26 +472,23 @@ def test_copa_scores_each_choice_by_its_summed_teacher_forced_log_probability(gp
         assert len(item["targets"][0]) != len(item["targets"][1])  # multi-token answers of different lengths
         # hinge loss of the paper's code: max(0, 1 + CE(correct) - CE(wrong)), CE the mean token NLL
         ce = [-scores[i].item() / len(item["targets"][i]) for i in (0, 1)]
-        loss = sg.make_loss(spec, "manual-finetune", None)(model, batch)
-        assert loss.item() == pytest.approx(max(0.0, 1 + ce[0] - ce[1]), abs=1e-4)
-    predictions = sg.predict(model, [item], encoder, None, 8)
-    assert predictions == [str(int(scores.argmax()))]
+        assert kind.loss(model, batch).item() == pytest.approx(max(0.0, 1 + ce[0] - ce[1]), abs=1e-4)
+        assert kind.predict(model, batch, [item], inputs) == [str(int(scores.argmax()))]
 
 
 def test_wsc_trains_on_true_examples_with_padding_masks(bert):
     spec = TASKS["wsc"]
-    templates = sg.templates_for(spec, "ptuning", {}, bert.tokenizer)
-    encoder = sg.Encoder(spec, "ptuning", bert.tokenizer, False, templates, 128, wsc={"train_extra_masks": 3,
-                         "eval_extra_tokens": {"masked": 1, "causal": 1}})
-    yes = sg.Example("a", {"text": "The dog chased the cat because *it* was hungry.", "pronoun": "it", "span": "The dog"}, "True")
-    no = sg.Example("b", {"text": "The dog chased the cat because *it* was hungry.", "pronoun": "it", "span": "the cat"}, "False")
-    train = encoder.items([yes, no], train=True)
+    inputs = Inputs(spec, bert.tokenizer, False, "tiny-bert", templates_for(spec, {}, bert.tokenizer), 128,
+                    options={"train_extra_masks": 3, "eval_extra_tokens": {"masked": 1, "causal": 1}})
+    yes = Example("a", {"text": "The dog chased the cat because *it* was hungry.", "pronoun": "it", "span": "The dog"}, "True")
+    no = Example("b", {"text": "The dog chased the cat because *it* was hungry.", "pronoun": "it", "span": "the cat"}, "False")
+    train = spec.kind.items([yes, no], inputs, train=True)
     assert [i["ex"].guid for i in train] == ["a"]
     span = bert.tokenizer.encode(" The dog", add_special_tokens=False)
     target = train[0]["target"]
     assert target[:len(span)] == span and set(target[len(span):]) <= {bert.tokenizer.pad_token_id} and len(target) <= len(span) + 3
     assert train[0]["enc"].input_ids.count(bert.tokenizer.mask_token_id) == len(target)
-    evaluation = encoder.items([yes, no], train=False)
+    evaluation = spec.kind.items([yes, no], inputs, train=False)
     assert [i["n"] for i in evaluation] == [len(span) + 1] * 2
 
 
@@ -372,7 +497,7 @@ def test_wsc_trains_on_true_examples_with_padding_masks(bert):
     ("cat", "the dog", False), ("the big cat", "the dog", False), ("Mr. Singer", "mr singer", True),
 ])
 def test_wsc_answer_rule(predicted, span, match):
-    assert sg.wsc_match(predicted, span) is match
+    assert kinds.span_match(predicted, span) is match
 
 
 class _Scripted(torch.nn.Module):
@@ -398,8 +523,7 @@ def test_wsc_greedy_fill_is_most_confident_first_for_masked_lms(bert):
     input_ids = torch.tensor([[tok.cls_token_id, tok.mask_token_id, tok.mask_token_id, tok.sep_token_id]])
     batch = {"input_ids": input_ids, "read_positions": torch.tensor([[1, 2]]), "attention_mask": torch.ones_like(input_ids),
              "prompt_index": -torch.ones_like(input_ids)}
-    answers = sg._wsc_generate(model, batch, [2], causal=False, tokenizer=tok)
-    assert answers == ["the dog"]
+    assert kinds.greedy_fill(model, batch, [2], causal=False, tokenizer=tok) == ["the dog"]
     assert model.seen[1][0, 2] == dog and model.seen[1][0, 1] == tok.mask_token_id  # "dog" (more confident) first
 
 
@@ -410,35 +534,53 @@ def test_wsc_greedy_generation_feeds_each_token_back_for_causal_lms(gpt2):
     input_ids = torch.tensor([[10, 11, 12, 0, 0]])
     batch = {"input_ids": input_ids, "read_positions": torch.tensor([[2, 3]]), "attention_mask": torch.ones_like(input_ids),
              "prompt_index": -torch.ones_like(input_ids)}
-    assert sg._wsc_generate(model, batch, [2], causal=True, tokenizer=tok) == [" the dog"]
+    assert kinds.greedy_fill(model, batch, [2], causal=True, tokenizer=tok) == [" the dog"]
     assert model.seen[1][0, 3] == the  # the first generated token is fed back before the second is read
 
 
 # --- bad inputs ----------------------------------------------------------------------------------------------
 
-def test_unknown_task_method_or_setting_fail_clearly(fewglue_dir):
-    with pytest.raises(TaskError, match="unknown SuperGLUE task 'squad'; choose one of boolq, cb"):
-        sg.validate(make_params(fewglue_dir, task="squad"))
-    with pytest.raises(TaskError, match="unknown SuperGLUE method 'prefix'"):
-        sg.validate(make_params(fewglue_dir, method="prefix"))
-    with pytest.raises(TaskError, match="unknown SuperGLUE setting"):
-        sg.validate(make_params(fewglue_dir, setting="zeroshot"))
+@pytest.mark.parametrize("overrides, message", [
+    ({"task": "squad"}, "unknown SuperGLUE task 'squad'; choose one of boolq, cb, copa, multirc, rte, wic, wsc"),
+    ({"method": "prefix"}, "unknown SuperGLUE method 'prefix'; choose one of finetune, manual-zeroshot"),
+    ({"setting": "zeroshot"}, "unknown SuperGLUE setting 'zeroshot'"),
+    ({"task": "boolq", "setting": "full"}, "BoolQ has no full SuperGLUE train set .* use --setting fewshot"),
+    ({"encoder": "gru"}, "unknown prompt encoder 'gru'"),
+    ({"full.select_on": "test"}, "full.select_on must be one of heldout, val"),
+    ({"task": "copa", "pattern": "{premise} [Y]"}, r"ptuning needs at least one \[P\] in the copa pattern"),
+    ({"task": "copa", "pattern": {"cause": "[P] {premise} [Y]"}}, "pattern for copa must give the keys"),
+    ({"train.lm_lr": -1.0}, "invalid training settings: lm_lr=-1.0"),
+])
+def test_bad_inputs_fail_in_plan_before_the_model_is_looked_at(fewglue_dir, overrides, message):
+    # the model name is bad too: a plan that reached the model (or loaded it) would fail on it instead
+    with pytest.raises(ValueError, match=message):
+        plan(make_params(fewglue_dir, model="no-such-model", **overrides))
 
 
-def test_boolq_full_fails_clearly(fewglue_dir):
-    with pytest.raises(TaskError, match="BoolQ has no full SuperGLUE train set .* use --setting fewshot"):
-        sg.validate(make_params(fewglue_dir, task="boolq", setting="full"))
-    sg.validate(make_params(fewglue_dir, task="boolq", setting="fewshot"))
-    # `all` in the full setting means the six tasks that have a train set
-    assert [s.name for s in sg.validate(make_params(fewglue_dir, task="all", setting="full"))] == \
+def test_an_unknown_model_fails_in_plan(fewglue_dir):
+    from components.models.catalog import UnknownModelError
+
+    with pytest.raises(UnknownModelError, match="unknown model 'no-such-model'"):
+        plan(make_params(fewglue_dir, model="no-such-model"))
+
+
+def test_boolq_full_fails_clearly_and_all_means_the_tasks_with_a_train_set(fewglue_dir):
+    assert [t.task for t in plan(make_params(fewglue_dir, task="boolq", setting="fewshot", model="tiny-bert"))] == ["boolq"]
+    assert [t.task for t in plan(make_params(fewglue_dir, task="all", setting="full", model="tiny-bert"))] == \
         ["cb", "copa", "multirc", "rte", "wic", "wsc"]
 
 
-def test_cli_reports_bad_input_without_a_traceback(fewglue_dir, capsys):
+def test_cli_reports_bad_input_in_one_line_before_any_side_effect(fewglue_dir, tmp_path, capsys):
     from components.cli import main
 
-    assert main(["train", "superglue", "--task", "boolq", "--setting", "full", "--set", f"data_dir={fewglue_dir}"]) == 2
+    out = tmp_path / "run"
+    assert main(["train", "superglue", "--task", "nope", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ptuning: error: unknown SuperGLUE task 'nope'; choose one of boolq, cb, copa, multirc, rte, wic, wsc"]
+    assert main(["train", "superglue", "--task", "boolq", "--setting", "full", "--output-dir", str(out),
+                 "--set", f"data_dir={fewglue_dir}"]) == 2
     assert "BoolQ has no full SuperGLUE train set" in capsys.readouterr().err
+    assert not out.exists()  # nothing was written
 
 
 @pytest.mark.parametrize("task, row, message", [
@@ -463,24 +605,26 @@ def test_bad_rows_name_file_and_line(tmp_path, task, row, message):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError, match=str(path).replace(".", r"\.") + message):
-        sg.read_examples(TASKS[task], path)
+        read_examples(TASKS[task], path)
 
 
-def test_invalid_json_and_missing_data_fail_clearly(tmp_path, fewglue_dir):
+def test_invalid_json_and_missing_data_fail_clearly(tmp_path):
     path = tmp_path / "val.jsonl"
     path.write_text('{"premise": "p", "hypothesis": "h", "label": "entailment"}\n{not json\n')
     with pytest.raises(DataError, match=r"val\.jsonl:2: .*JSON"):
-        sg.read_examples(TASKS["rte"], path)
+        read_examples(TASKS["rte"], path)
     with pytest.raises(DataError, match="run `dvc repro prepare_fewglue`"):
-        sg.load_splits(TASKS["rte"], make_params(tmp_path / "nowhere"))
+        load_splits(TASKS["rte"], make_params(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="ptuning prepare data"):
-        sg.prepare(tmp_path / "no-raw", tmp_path / "out")
+        prepare(tmp_path / "no-raw", tmp_path / "out")
 
 
 # --- real weights ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_smollm2_reads_rte_zero_shot(fewglue_dir, tmp_path):
-    metrics = sg.run(make_params(fewglue_dir, task="rte", model="smollm2-135m", method="manual-zeroshot",
-                                 max_eval_examples=16, eval_batch_size=16), tmp_path)
-    assert metrics["n_val"] == 16 and 0.0 <= metrics["acc"] <= 1.0 and metrics["steps"] == 0
+    config = resolve("superglue", {"data_dir": str(fewglue_dir), "task": "rte", "model": "smollm2-135m",
+                                   "method": "manual-zeroshot", "max_eval_examples": 16, "eval_batch_size": 16})
+    metrics = run(config, tmp_path)
+    task = metrics["tasks"]["rte"]
+    assert task["n_val"] == 16 and 0.0 <= metrics["val"]["acc"] <= 1.0 and task["steps"] == 0

@@ -130,6 +130,21 @@ def export_prompt(prompt: nn.Module, directory: str | Path, template: str, base_
     return directory
 
 
+LM_DIR = "lm"  # a prompt's jointly tuned LM, next to it
+
+
+def export_lm(lm: nn.Module, tokenizer, directory: str | Path) -> Path:
+    """Write an LM trained together with its prompt (an HF *ForMaskedLM/*ForCausalLM) and its tokenizer as
+    safetensors under `<directory>/lm`: the prompt alone would not reproduce the run's figures."""
+    import shutil
+
+    target = Path(directory) / LM_DIR
+    shutil.rmtree(target, ignore_errors=True)
+    lm.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    return target
+
+
 def load_prompt(directory: str | Path, with_encoder: bool = False) -> tuple[nn.Module, dict]:
     """FixedPrompt from `prompt.safetensors`, or (with_encoder) the trainable PromptEncoder."""
     directory = Path(directory)

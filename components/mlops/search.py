@@ -12,10 +12,13 @@ exactly once across all of them:
 * a worker stops asking for trials once every grid point is taken; a trial created in the race at the
   very end (rank >= grid size) is closed at once as PRUNED with user attribute `skipped`, untrained;
 * a worker killed mid-trial stops its heartbeat: after `grace` seconds its trial is failed and re-queued
-  (same grid point, user attribute `retry_of`) for whichever worker asks next (`linger=True` keeps a
-  worker waiting for such re-queues while other workers' trials run).
+  (same grid point, user attribute `retry_of`) for whichever worker asks next;
+* `run_search` returns only when no trial of the study is still running, in any worker: the first worker
+  out of work waits for the others' trials (taking over a dead one's re-queued point), so whoever picks the
+  best trial afterwards picks it from the whole grid.
 
-Nothing here knows MLflow or Prefect: the caller's `run_trial` trains (and tracks) one configuration.
+Nothing here knows MLflow, Prefect or the run configuration: the caller's `run_trial` turns a point of the
+space into a configuration, trains (and tracks) it and returns its metrics.
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from components.config import apply_overrides
-from components.mlops.stores import DatabaseUnreachable, check_database, normalise_url
+from components.common import numeric_metrics, redact_url
+from components.mlops.stores import DatabaseUnreachable, check_database
 from components.training import Callback
 
 log = logging.getLogger(__name__)
@@ -156,21 +159,12 @@ def make_pruner(name: str | None, options: dict | None = None) -> optuna.pruners
     raise ValueError(f"unknown pruner {name!r}; choose one of {PRUNERS}")
 
 
-def _redact(url: str) -> str:
-    try:
-        import sqlalchemy
-
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
-
 def check_storage(url: str, timeout: float = 5) -> None:
     """Open (and close) one connection to the storage, or raise StorageUnreachable naming it."""
     try:
         check_database(url, timeout)
     except DatabaseUnreachable as reason:
-        raise StorageUnreachable(f"Optuna storage {_redact(url)} is unreachable: {reason} (is the database server "
+        raise StorageUnreachable(f"Optuna storage {redact_url(url)} is unreachable: {reason} (is the database server "
                                  f"running, and does the database exist? e.g. {DEFAULT_STORAGE} or "
                                  "postgresql://user@host:5432/db)") from None
 
@@ -195,7 +189,7 @@ def _rdb_storage(url: str, heartbeat: int | None, grace: int | None, max_retry: 
         except Exception as error:  # sqlalchemy IntegrityError / ProgrammingError on a concurrent CREATE
             if attempt == 4:
                 raise
-            log.info("opening %s failed (%s), trying again", _redact(url), type(error).__name__)
+            log.info("opening %s failed (%s), trying again", redact_url(url), type(error).__name__)
             time.sleep(0.2 + 0.3 * attempt)
     raise AssertionError("unreachable")
 
@@ -225,7 +219,7 @@ def open_study(
     sampler_obj = make_sampler(sampler, space, seed)  # a bad name fails before the storage is touched
     pruner_obj = make_pruner(pruner, pruner_options)
     check_storage(url, timeout=check_timeout)
-    rdb = _rdb_storage(normalise_url(url), heartbeat, grace, max_retry)
+    rdb = _rdb_storage(url, heartbeat, grace, max_retry)
     for attempt in range(5):
         try:
             study = optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler_obj, pruner=pruner_obj,
@@ -236,13 +230,13 @@ def open_study(
                 raise
             time.sleep(0.2 + 0.3 * attempt)
     if list(study.directions) != [optuna.study.StudyDirection[direction.upper()]]:
-        raise ValueError(f"study {study_name!r} in {_redact(url)} optimises {study.directions[0].name.lower()}, "
+        raise ValueError(f"study {study_name!r} in {redact_url(url)} optimises {study.directions[0].name.lower()}, "
                          f"not {direction}: use another study name")
     if isinstance(sampler_obj, optuna.samplers.GridSampler):
         for trial in study.get_trials(deepcopy=False):
             other = trial.system_attrs.get("search_space")
             if other is not None and not sampler_obj._same_search_space(other):
-                raise ValueError(f"study {study_name!r} in {_redact(url)} was searched over another grid ({other}); "
+                raise ValueError(f"study {study_name!r} in {redact_url(url)} was searched over another grid ({other}); "
                                  f"this grid is {space}: use another study name")
     _SPACES[study] = space
     try:  # for people reading the study (optuna-dashboard); concurrent workers write the same value
@@ -250,7 +244,7 @@ def open_study(
             study.set_user_attr("search_space", space)
     except Exception:
         pass
-    log.info("study %s in %s: %s sampler over %s, %s pruner", study_name, _redact(url), sampler, space, pruner)
+    log.info("study %s in %s: %s sampler over %s, %s pruner", study_name, redact_url(url), sampler, space, pruner)
     return study
 
 
@@ -260,7 +254,7 @@ class PruningCallback(Callback):
     """Reports every evaluation's selection metric to the Optuna trial and raises optuna.TrialPruned
     (which stops training) when the study's pruner says so.
 
-    metric: the key of the evaluation metrics (e.g. `dev_p1`, `acc`); None: the metric when there is
+    metric: the key of the evaluation metrics (e.g. `dev.p1`, `dev.acc`); None: the metric when there is
     one, the mean of the numeric ones otherwise. by: `step` (optimizer steps) or `epoch` (only with
     per-epoch evaluation). Several `fit`s in one trial (LAMA `all`) continue one another's steps."""
 
@@ -323,8 +317,11 @@ def _grid_open(study: optuna.Study, n_grid: int) -> bool:
     return any(t.state == TrialState.WAITING for t in trials) or handed_out < n_grid
 
 
-def _others_running(study: optuna.Study) -> bool:
-    return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+def _running(study: optuna.Study) -> list[int]:
+    """The numbers of the trials still running (in other workers, once this one's are done); a dead worker's
+    trial is failed (and re-queued) first, once its heartbeat is older than the grace period."""
+    _fail_stale(study)
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
 def _system_attrs(trial: optuna.Trial) -> dict:
@@ -333,40 +330,46 @@ def _system_attrs(trial: optuna.Trial) -> dict:
 
 def run_search(
     study: optuna.Study,
-    objective_params: dict,
     run_trial: Callable[[dict, list[Callback], optuna.Trial], dict],
-    n_trials: int | None,
-    metric: str = "dev_score",
+    n_trials: int | None = None,
+    metric: str = "dev.score",
     *,
     space: dict | None = None,
     prune_metric: str | None = None,
     prune_by: str = "step",
     total_trials: int | None = None,
     catch: tuple[type[Exception], ...] = (),
-    linger: bool = False,
     poll: float | None = None,
 ) -> optuna.Study:
     """Run trials of `study` in this process until the grid is exhausted (grid sampler, n_trials None),
-    `n_trials` trials ran here, or the study holds `total_trials` finished trials.
+    `n_trials` trials ran here, or the study holds `total_trials` finished trials; then wait until no trial
+    of any worker is running, so that the study is complete when this returns.
 
-    Each trial suggests every key of the space, applies the values to a copy of `objective_params`
-    (dotted keys, components.config.apply_overrides) and calls
-    `run_trial(params, [PruningCallback], trial) -> metrics`; the trial's value is `metrics[metric]`.
-    run_trial must let optuna.TrialPruned through. Numeric top-level metrics become user attributes.
-    Exceptions other than `catch` fail the trial and stop this worker. `linger` (grid, n_trials None):
-    once every point is taken, wait (every `poll` s, default the heartbeat) while other workers' trials
-    run, to take over the point of one whose worker dies."""
+    Each trial suggests every key of the space and calls `run_trial(point, [PruningCallback], trial) ->
+    metrics`, where `point` is `{dotted.key: value}` (the caller turns it into its configuration, e.g.
+    RunConfig.with_overrides(point)). The trial's value is `metric` of the flattened numeric metrics
+    (components.common.numeric_metrics: `{"dev": {"score": x}}` -> `dev.score`), which also become the
+    trial's user attributes. run_trial must let optuna.TrialPruned through; exceptions other than `catch`
+    fail the trial and stop this worker (without waiting).
+
+    Waiting polls every `poll` seconds (default: the storage's heartbeat interval, else 5). A trial whose
+    worker died is failed once its heartbeat is stale and, on the grid, re-queued: a waiting worker with
+    trials left in its budget takes it over. Without heartbeats (heartbeat=None) a dead worker's trial is
+    indistinguishable from a slow one, and is waited for until someone fails it."""
     space = _space_of(study, space)
     is_grid = isinstance(study.sampler, optuna.samplers.GridSampler)
     n_grid = grid_size(space)
     if not is_grid and n_trials is None and total_trials is None:
         raise ValueError(f"run_search: the {type(study.sampler).__name__} never runs out of points; give n_trials or total_trials")
+    heartbeat = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    ran = {"trials": 0, "optimized": False}
 
     def finished_count() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False)
                    if t.state.is_finished() and SKIPPED not in t.user_attrs)
 
     def objective(trial: optuna.Trial) -> float:
+        ran["trials"] += 1
         if is_grid and _system_attrs(trial).get("grid_extra"):
             trial.set_user_attr(SKIPPED, "every grid point was already taken by another worker")
             study.stop()
@@ -374,16 +377,15 @@ def run_search(
         retry_of = _system_attrs(trial).get("failed_trial")
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
-        overrides = {key: trial.suggest_categorical(key, values) for key, values in space.items()}
-        params = apply_overrides(objective_params, overrides)
-        log.info("trial %d of study %s: %s", trial.number, study.study_name, overrides)
-        metrics = run_trial(params, [PruningCallback(trial, prune_metric, by=prune_by)], trial)
-        if not isinstance(metrics, dict) or metric not in metrics:
-            raise KeyError(f"run_search: run_trial returned no {metric!r} (keys: {sorted(metrics) if isinstance(metrics, dict) else metrics!r})")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                trial.set_user_attr(key, value)
-        return float(metrics[metric])
+        point = {key: trial.suggest_categorical(key, values) for key, values in space.items()}
+        log.info("trial %d of study %s: %s", trial.number, study.study_name, point)
+        metrics = run_trial(point, [PruningCallback(trial, prune_metric, by=prune_by)], trial)
+        numbers = numeric_metrics(metrics) if isinstance(metrics, dict) else {}
+        if metric not in numbers:
+            raise KeyError(f"run_search: run_trial returned no numeric {metric!r} (flattened keys: {sorted(numbers)})")
+        for key, value in numbers.items():
+            trial.set_user_attr(key, value)
+        return numbers[metric]
 
     def after_trial(study: optuna.Study, trial) -> None:
         if is_grid and not _grid_open(study, n_grid):
@@ -391,25 +393,29 @@ def run_search(
         if total_trials is not None and finished_count() >= total_trials:
             study.stop()
 
-    if total_trials is not None and finished_count() >= total_trials:
-        return study
-    if not is_grid:
-        study.optimize(objective, n_trials=n_trials, callbacks=[after_trial], catch=catch)
-        return study
+    def work_left() -> bool:
+        if (n_trials is not None and ran["trials"] >= n_trials) or \
+                (total_trials is not None and finished_count() >= total_trials):
+            return False
+        return _grid_open(study, n_grid) if is_grid else not ran["optimized"]
+
+    waited_for = None
     while True:
-        if _grid_open(study, n_grid):
-            study.optimize(objective, n_trials=n_trials, callbacks=[after_trial], catch=catch)
-        if not linger or n_trials is not None or not _others_running(study):
+        if work_left():
+            ran["optimized"] = True
+            left = None if n_trials is None else n_trials - ran["trials"]
+            study.optimize(objective, n_trials=left, callbacks=[after_trial], catch=catch)
+            continue
+        running = _running(study)
+        if not running:
             break
-        time.sleep(poll or float(getattr(study._storage, "get_heartbeat_interval", lambda: None)() or 5))
-    log.info("study %s: every grid point is taken", study.study_name)
+        if running != waited_for:
+            log.info("study %s: waiting for trial(s) %s of other workers%s", study.study_name, running,
+                     "" if heartbeat else " (heartbeats are off: a dead worker's trial is waited for until failed)")
+            waited_for = running
+        time.sleep(poll or float(heartbeat or 5))
+    log.info("study %s: no trial left to run or running", study.study_name)
     return study
-
-
-def point_key(trial) -> str:
-    """A stable name for a trial's configuration (its params), e.g. for its output directory: a
-    re-queued trial gets the same key, and so resumes from the checkpoint its first attempt left."""
-    return ",".join(f"{k}={trial.params[k]}" for k in sorted(trial.params)) or f"trial-{trial.number}"
 
 
 def summary(study: optuna.Study) -> dict:

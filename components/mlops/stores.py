@@ -1,8 +1,10 @@
 """The SQL databases that Optuna (study storage) and MLflow (tracking store) may share: one reachability check
-for both, so that an unreachable store is reported before any training starts."""
+for both, so that an unreachable store is reported before any training starts.
+
+Both hand the URL to SQLAlchemy unchanged: `sqlite:///path.db`, or `postgresql://user@host:5432/db`, which
+SQLAlchemy 2.1 opens with psycopg (v3, a dependency; `postgresql+psycopg2://` needs psycopg2 installed)."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -11,20 +13,12 @@ class DatabaseUnreachable(Exception):
     """The reason a database URL cannot be used; callers name the store it was meant for."""
 
 
-def normalise_url(url: str) -> str:
-    """`postgresql://` means psycopg (v3) to SQLAlchemy 2.1; use psycopg2 when only that is installed."""
-    if url.startswith(("postgresql://", "postgres://")):
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-            return "postgresql+psycopg2://" + url.split("://", 1)[1]
-    return url
-
-
 def check_database(url: str, timeout: float) -> None:
     """Open (and close) one connection to the database at `url`, or raise DatabaseUnreachable saying why."""
     import sqlalchemy
 
     try:
-        parsed = sqlalchemy.engine.make_url(normalise_url(url))
+        parsed = sqlalchemy.engine.make_url(url)
     except Exception as error:
         raise DatabaseUnreachable(f"not a database URL ({error})") from None
     if parsed.get_backend_name() == "sqlite":

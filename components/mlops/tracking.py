@@ -1,22 +1,22 @@
-"""MLflow tracking and model registry: every MLflow call of the project lives here.
+"""MLflow tracking and model registry: runs, metrics, the data version and registered prompts.
 
     tracker = Tracker(tracking_uri(load_params("tracking")), "ptuning-lama")   # checks the store first
     with tracker.parent_run("lama-P19", params):            # the flow run: params, git commit, data version
         with tracker.trial_run("lr=1e-05,bs=16", trial_params):   # one configuration, nested
-            metrics = lama.run(trial_params, out, callbacks=[tracker.callback()])
+            metrics = lama.run(config, out, callbacks=[tracker.callback()])
             tracker.log_result(metrics, output_dir=out)
-            tracker.register_prompt(metrics["prompts"]["P19"], registered_name("lama", "P19", model), metrics)
+            tracker.register_prompt(metrics["prompts"]["P19"], None, metrics, report_key="test.p1",
+                                    command="ptuning train lama --task P19")
 
 The store is `sqlite:///mlflow.db` (embedded, no server) unless MLFLOW_TRACKING_URI or
 params/tracking.yaml name one (`http://host:5000`, `postgresql://...`). Runs are addressed by id through
 an MlflowClient, never through MLflow's thread-local "active run", so Prefect tasks running in worker
 threads log to the right run.
 
-A registered prompt is a pyfunc model (`PromptModel`): the prompt vectors, the encoder state and
-prompt.json (template, base model) as artifacts. Loading it loads the base LM from the model catalogue,
-so the serving environment needs this project installed (`pip install .`) and the base model reachable:
-
-    mlflow models predict -m models:/ptuning-lama-P19-smollm2-135m@champion -i in.json --env-manager local
+A registered prompt is components.mlops.serving's models-from-code pyfunc. `champion` means best: a new
+version takes it only when its dev selection score beats the current champion's (one registered model per
+benchmark, task, vocabulary or setting, and base model); otherwise it is the `challenger`. Test figures are
+recorded on the version, never used to decide.
 """
 from __future__ import annotations
 
@@ -26,19 +26,18 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 import subprocess
-import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
-import mlflow.pyfunc
 
+from components.common import flatten, numeric_metrics, redact_url, safe_name
+from components.mlops.serving import check_servable, input_fields, log_prompt_model
 from components.mlops.stores import DatabaseUnreachable, check_database
 from components.training import Callback
 
@@ -46,7 +45,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CHAMPION = "champion"
-PROMPT_FILES = ("prompt.safetensors", "encoder.safetensors", "prompt.json")
+CHALLENGER = "challenger"
+# what makes two versions comparable: one registered model holds one scope (registered_name)
+SCOPE = ("benchmark", "task", "vocab", "setting", "base_model")
+# The experiment is a model-training one, not a GenAI app: its tag says so (MLflow's experiment kind). MLflow
+# 3.17's UI lands on the tab of the browser's workflow toggle (GenAI by default, kept in localStorage), so the
+# project's links carry `workflowType=machine_learning` too (experiment_url).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class TrackingUnreachable(RuntimeError):
@@ -70,16 +75,9 @@ def _auth_headers() -> dict:
     return {}
 
 
-def _redact(uri: str) -> str:
-    parsed = urlparse(uri)
-    if parsed.password:
-        return uri.replace(f":{parsed.password}@", ":***@")
-    return uri
-
-
 def _unreachable(uri: str, reason: str) -> TrackingUnreachable:
     return TrackingUnreachable(
-        f"MLflow tracking store {_redact(uri)} is unreachable: {reason}. Start the server (mlflow server ...), "
+        f"MLflow tracking store {redact_url(uri)} is unreachable: {reason}. Start the server (mlflow server ...), "
         f"fix MLFLOW_TRACKING_URI / params/tracking.yaml `uri`, or leave both unset for the embedded {DEFAULT_URI}.")
 
 
@@ -101,7 +99,7 @@ def check_reachable(uri: str, timeout: float = 5) -> None:
             except urllib.error.HTTPError as error:
                 if error.code in (401, 403):
                     raise TrackingUnreachable(
-                        f"MLflow tracking server {_redact(uri)} refused the request (HTTP {error.code}): set "
+                        f"MLflow tracking server {redact_url(uri)} refused the request (HTTP {error.code}): set "
                         "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN") from None
                 last = f"HTTP {error.code} from {path}"
             except (urllib.error.URLError, OSError) as error:
@@ -119,43 +117,14 @@ def check_reachable(uri: str, timeout: float = 5) -> None:
         if not (path.exists() or path.parent.is_dir()):
             raise _unreachable(uri, f"neither {path} nor its directory exists")
         return
-    log.info("tracking URI %s: no reachability check for scheme %r", _redact(uri), scheme)
+    log.info("tracking URI %s: no reachability check for scheme %r", redact_url(uri), scheme)
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def flatten(values: dict, prefix: str = "") -> dict:
-    """{"relations": {"P19": {"test_p1": 0.3}}} -> {"relations.P19.test_p1": 0.3}."""
-    out = {}
-    for key, value in (values or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-_KEY = re.compile(r"[^\w\-. /:]")
-
-
 def _key(name: str) -> str:
-    return _KEY.sub("_", str(name))[:250]
-
-
-def _number(value) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:  # numpy / torch scalars
-        import numbers
-
-        if isinstance(value, numbers.Number):
-            return float(value)
-    except Exception:
-        pass
-    return None
+    """A name MLflow accepts for a param, metric or tag."""
+    return safe_name(name, allowed=r"\w\-. /:")
 
 
 def git_commit(directory: str | Path | None = None) -> tuple[str | None, bool | None]:
@@ -179,14 +148,20 @@ def _entry_hash(entry: dict) -> str | None:
     return None
 
 
-def data_version(lock_path: str | Path) -> dict:
-    """Tags from a dvc.lock: `dvc.<stage>.outs.<path>` / `dvc.<stage>.deps.<path>` = md5, and
-    `data_version`, one hash over every stage output (what the data is, whatever produced it)."""
+def data_version(lock_path: str | Path, stages: list[str] | tuple[str, ...] | None = None) -> dict:
+    """The data version as dvc.lock records it (the project's one reader of dvc.lock): tags
+    `dvc.<stage>.outs.<path>` / `dvc.<stage>.deps.<path>` = md5, `dvc.lock_md5`, and `data_version`, one
+    hash over the stage outputs (what the data is, whatever produced it). `stages`: only these (default all).
+    No dvc.lock: {}."""
     import yaml
 
+    if not Path(lock_path).is_file():
+        return {}
     lock = yaml.safe_load(Path(lock_path).read_text()) or {}
     tags, outs = {}, []
     for stage, body in sorted((lock.get("stages") or {}).items()):
+        if stages is not None and stage not in stages:
+            continue
         for kind in ("deps", "outs"):
             for entry in (body or {}).get(kind) or []:
                 digest = _entry_hash(entry)
@@ -200,11 +175,21 @@ def data_version(lock_path: str | Path) -> dict:
     return tags
 
 
-def registered_name(benchmark: str, task: str, model: str) -> str:
-    """`ptuning-<benchmark>-<task>-<model>`, e.g. ptuning-lama-P19-smollm2-135m; a hub id's `/` and any
-    other character outside [A-Za-z0-9_.-] become `-`."""
-    name = "-".join(str(p).strip() for p in ("ptuning", benchmark, task, model) if str(p).strip())
-    return re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_.-]+", "-", name)).strip("-")
+def registered_name(benchmark: str, task: str, model: str, variant: str | None = None) -> str:
+    """`ptuning-<benchmark>-<task>[-<variant>]-<model>`, e.g. ptuning-lama-P19-29k-smollm2-135m: one registered
+    model per benchmark, task, vocabulary (LAMA) or setting (SuperGLUE), and base model, so that its champion
+    is the best of comparable versions. A hub id's `/` and any other character outside [A-Za-z0-9_.-] become `-`."""
+    return safe_name("ptuning", benchmark, task, variant, model)
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """The UI page of an experiment on an MLflow server, opening on its training runs."""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def prompt_scope(meta: dict) -> dict:
+    """The scope of an exported prompt (prompt.json): benchmark, task, vocab or setting, base model."""
+    return {k: str(meta[k]) for k in SCOPE if meta.get(k) is not None}
 
 
 # --- the tracker ---------------------------------------------------------------------------------
@@ -230,14 +215,6 @@ class Tracker:
         self._parent: str | None = None
         self._local = threading.local()
 
-    @classmethod
-    def from_params(cls, params_tracking: dict | None, experiment: str | None = None, **kwargs) -> "Tracker":
-        """A tracker on tracking_uri(params) and params' experiment (or `experiment`), logging every
-        params' `log_every` steps."""
-        params_tracking = params_tracking or {}
-        return cls(tracking_uri(params_tracking), experiment or params_tracking.get("experiment") or "ptuning",
-                   log_every=int(params_tracking.get("log_every") or 10), **kwargs)
-
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
 
@@ -246,12 +223,15 @@ class Tracker:
             if found is not None:
                 if found.lifecycle_stage == "deleted":
                     self.client.restore_experiment(found.experiment_id)
+                if not EXPERIMENT_KIND.items() <= found.tags.items():
+                    for key, value in EXPERIMENT_KIND.items():
+                        self.client.set_experiment_tag(found.experiment_id, key, value)
                 return found.experiment_id
             try:
-                return self.client.create_experiment(name)
+                return self.client.create_experiment(name, tags=EXPERIMENT_KIND)
             except MlflowException:  # created meanwhile by another worker
                 continue
-        raise TrackingUnreachable(f"could not create or find experiment {name!r} in {_redact(self.uri)}")
+        raise TrackingUnreachable(f"could not create or find experiment {name!r} in {redact_url(self.uri)}")
 
     # -- run bookkeeping --
     def _stack(self) -> list[str]:
@@ -287,11 +267,8 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int | None = None, run_id: str | None = None) -> None:
         from mlflow.entities import Metric
 
-        import time
-
         now = int(time.time() * 1000)
-        items = [Metric(_key(k), value, now, step or 0) for k, v in flatten(metrics).items()
-                 if (value := _number(v)) is not None]
+        items = [Metric(_key(k), v, now, step or 0) for k, v in numeric_metrics(metrics).items()]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self._run_for(run_id), metrics=items[start:start + 1000])
 
@@ -338,7 +315,7 @@ class Tracker:
         """The flow run's MLflow run: flattened params; tags git commit (`git rev-parse HEAD`) and the data
         version from dvc.lock (logged as an artifact too) when there is one. `run_id` resumes a run."""
         lock = (self.project_dir or Path.cwd()) / "dvc.lock"
-        data_tags = data_version(lock) if lock.exists() else {}
+        data_tags = data_version(lock)
         all_tags = {**self._source_tags(), **data_tags, **(tags or {})}
         with self._run(name, params, all_tags, None, resume=run_id) as run:
             if run_id:
@@ -378,7 +355,7 @@ class Tracker:
         tags; metrics.json and history.json (given, or from `output_dir`) as artifacts."""
         run_id = self._run_for(run_id)
         flat = flatten(metrics)
-        self.log_metrics({k: v for k, v in flat.items() if _number(v) is not None}, run_id=run_id)
+        self.log_metrics(metrics, run_id=run_id)
         self.set_tags({f"result.{k}": v for k, v in flat.items() if isinstance(v, str)}, run_id)
         self.client.log_dict(run_id, metrics, "metrics.json")
         if history is None and output_dir is not None and (Path(output_dir) / "history.json").exists():
@@ -386,57 +363,92 @@ class Tracker:
         if history is not None:
             self.client.log_dict(run_id, history, "history.json")
 
-    def register_prompt(self, prompt_dir: str | Path, model_name: str, metrics: dict, *,
-                        vocab_file: str | Path | None = None, run_id: str | None = None,
-                        alias: str | None = CHAMPION, description: str | None = None):
-        """Log the prompt as a pyfunc model (PromptModel; artifacts prompt.safetensors, encoder.safetensors,
-        prompt.json and the benchmark's vocab.json when given), register it as a new version of
-        `model_name`, tag the version with the metrics and point `alias` (champion) at it."""
-        from mlflow.models import Model
+    def register_prompt(self, prompt_dir: str | Path, name: str | None, metrics: dict, *,
+                        selection_key: str = "dev.score", report_key: str | None = None, run_id: str | None = None,
+                        command: str | None = None, vocab_file: str | Path | None = None):
+        """Register the prompt exported in `prompt_dir` as a new version of `name` (None: registered_name of
+        its prompt.json) and return that ModelVersion.
 
-        prompt_dir = Path(prompt_dir)
-        meta_path = prompt_dir / "prompt.json"
-        if not meta_path.exists() or not (prompt_dir / "prompt.safetensors").exists():
-            raise FileNotFoundError(f"{prompt_dir} holds no exported prompt (prompt.json + prompt.safetensors)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("lm_trained"):
-            raise ValueError(f"{prompt_dir}: the LM was trained with this prompt; the prompt alone does not reproduce it")
-        run_id = run_id or self.current_run_id()
-        # the version's tags: the run's top-level figures and this task's own (not all 41 relations')
-        own = (metrics.get("relations") or {}).get(str(meta.get("task"))) if isinstance(metrics.get("relations"), dict) else None
-        flat = {k: v for k, v in metrics.items() if _number(v) is not None}
-        flat.update({f"task.{k}": v for k, v in flatten(own or {}).items() if _number(v) is not None})
-        mlflow.set_tracking_uri(self.uri)  # Model.log resolves the store globally: this tracker's
-        mlflow.set_registry_uri(self.uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            staged = Path(tmp) / "prompt"
-            staged.mkdir()
-            for name in PROMPT_FILES:
-                if (prompt_dir / name).exists():
-                    shutil.copy2(prompt_dir / name, staged / name)
-            if vocab_file is not None:
-                shutil.copy2(vocab_file, staged / "vocab.json")
-            elif (prompt_dir / "vocab.json").exists():
-                shutil.copy2(prompt_dir / "vocab.json", staged / "vocab.json")
-            logged = self.client.create_logged_model(
-                self.experiment_id, name="prompt", source_run_id=run_id, model_type="ptuning-prompt",
-                tags={"base_model": str(meta.get("base_model")), "template": str(meta.get("template"))[:8000]})
-            info = Model.log(artifact_path=None, name="prompt", flavor=mlflow.pyfunc, run_id=run_id,
-                             model_id=logged.model_id, python_model=PromptModel(), artifacts={"prompt": str(staged)},
-                             signature=_signature(meta), pip_requirements=_requirements(),
-                             registered_model_name=model_name,
-                             metadata={"ptuning": {k: v for k, v in meta.items() if k != "encoder"},
-                                       "requires": "the ptuning project installed (pip install .) and its base model"})
-        version = self.client.get_model_version(model_name, str(info.registered_model_version))
-        for key, value in {**{f"metric.{k}": v for k, v in flat.items()},
-                           **{k: meta.get(k) for k in ("base_model", "benchmark", "task", "template", "vocab")}}.items():
+        `metrics`: THIS prompt's figures, nested or flat (a run of several tasks: pass the task's own), with
+        `selection_key` (a dev figure) and `report_key` (e.g. test.p1 / val.score) among them. The version
+        takes the alias `champion` when metrics[selection_key] beats the current champion's, else
+        `challenger`; test figures are recorded as tags and never decide. `run_id`: the run that trained it
+        (default: this thread's current run); `command`: what trained it, shown on the version;
+        `vocab_file`: LAMA's vocabulary when no vocab.json is next to the prompt.
+        Refuses, before anything is logged: a prompt the served model cannot answer for (NotServable), a
+        missing selection or report figure, a scope or selection key that differs from the champion's."""
+        from mlflow.exceptions import MlflowException
+
+        meta = check_servable(prompt_dir, vocab_file)
+        scope = prompt_scope(meta)
+        name = name or registered_name(meta.get("benchmark"), meta.get("task"), meta.get("base_model"),
+                                       meta.get("vocab") or meta.get("setting"))
+        figures = numeric_metrics(metrics)
+        for key in (selection_key, report_key):
+            if key is not None and key not in figures:
+                raise ValueError(f"metrics have no {key!r} to register {name} with; they have {sorted(figures)}")
+        score = figures[selection_key]
+        try:
+            champion = self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:  # no such model, or no champion yet
+            champion = None
+        if champion is not None:
+            theirs = {k: champion.tags.get(k) for k in SCOPE if champion.tags.get(k) is not None}
+            if theirs != scope:
+                raise ValueError(f"{name}: this prompt's scope {scope} differs from its champion's {theirs} "
+                                 f"(version {champion.version}); register it under registered_name(...) of its own")
+            if champion.tags.get("selection_key") != selection_key:
+                raise ValueError(f"{name}: its champion was selected on {champion.tags.get('selection_key')!r}, "
+                                 f"not {selection_key!r}: the scores are not comparable")
+        best = float(champion.tags[selection_key]) if champion is not None and selection_key in champion.tags else None
+        wins = best is None or score > best
+        run_id = self._run_for(run_id)
+        command = command or self.client.get_run(run_id).data.tags.get("command")
+        strings = {k: v for k, v in flatten(metrics).items() if k in ("method", "model") and isinstance(v, str)}
+        decision = (f"{selection_key} {score:.4f} " + ("(first version)" if champion is None else
+                    f"{'beats' if wins else 'does not beat'} champion version {champion.version}'s {best:.4f}"))
+        tags = {**scope, **strings, "template": meta["template"], "selection_key": selection_key,
+                "report_key": report_key, **figures,
+                "alias_decision": decision, "command": command, "source_run_id": run_id}
+        info = log_prompt_model(prompt_dir, run_id=run_id, registered_model_name=name, vocab_file=vocab_file,
+                                tags={k: str(v) for k, v in scope.items()})
+        version = str(info.registered_model_version)
+        for key, value in tags.items():
             if value is not None:
-                self.client.set_model_version_tag(model_name, version.version, _key(key), str(value)[:5000])
-        if description:
-            self.client.update_model_version(model_name, version.version, description=description)
-        if alias:
-            self.client.set_registered_model_alias(model_name, alias, version.version)
-        return self.client.get_model_version(model_name, version.version)
+                self.client.set_model_version_tag(name, version, _key(key), str(value)[:5000])
+        self.client.update_model_version(name, version, description=_describe(meta, figures, tags, version))
+        self.client.set_registered_model_alias(name, CHAMPION if wins else CHALLENGER, version)
+        if wins:  # the registered model says what it is and what its champion scores
+            for key, value in {**scope, "template": meta["template"], "answers": _answers(meta)}.items():
+                self.client.set_registered_model_tag(name, key, str(value)[:5000])
+            self.client.update_registered_model(name, description=_describe(meta, figures, tags, version, champion=True))
+        log.info("registered %s version %s as %s: %s", name, version, CHAMPION if wins else CHALLENGER, decision)
+        return self.client.get_model_version(name, version)
+
+
+def _answers(meta: dict) -> str:
+    if meta.get("benchmark") == "lama":
+        return f"words of the {meta.get('vocab', 'benchmark')} vocabulary, top-k with scores"
+    return "labels " + ", ".join(f"{label} ({meta['verbalizer'][label]!r})" for label in meta["labels"]) + ", with scores"
+
+
+def _describe(meta: dict, figures: dict, tags: dict, version: str, champion: bool = False) -> str:
+    """What a version (or its registered model, through its champion) is, as the MLflow UI shows it."""
+    variant = f"vocab {meta['vocab']}" if meta.get("vocab") else f"setting {meta.get('setting')}"
+    figure = lambda key: f"{key} = {figures[key]:.4f}"
+    dev = [figure(k) for k in sorted(figures) if k.startswith("dev.")]
+    test = [figure(k) for k in sorted(figures) if k.startswith(("test.", "val."))]
+    lines = [f"P-tuning prompt: benchmark {meta.get('benchmark')}, task {meta.get('task')}, {variant}, "
+             f"base model {meta.get('base_model')}" + (" (LM tuned with the prompt)" if meta.get("lm_trained") else "") + ".",
+             "", f"- template: `{meta['template']}`",
+             f"- dev figures (selection on {tags['selection_key']}): {', '.join(dev) or 'none'}",
+             f"- test figures (reported: {tags['report_key'] or 'none'}; never used to select): {', '.join(test) or 'none'}",
+             f"- alias: {tags['alias_decision']}",
+             f"- trained by: `{tags['command'] or 'unknown'}` (run {tags['source_run_id']})",
+             f"- answers: {_answers(meta)}; request fields: {', '.join(input_fields(meta))}"]
+    if champion:
+        lines.insert(0, f"Champion: version {version}, the best {tags['selection_key']} of this model's versions.\n")
+    return "\n".join(lines)
 
 
 class TrackingCallback(Callback):
@@ -493,110 +505,3 @@ class TrackingCallback(Callback):
             self._log({"train_loss": sum(self.window) / len(self.window)}, self.last)
             self.window = []
         self._log({"best_step": self.offset + result.best_step, "train_seconds": result.seconds}, self.last)
-
-
-# --- the served model ------------------------------------------------------------------------------
-
-def _signature(meta: dict):
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
-
-    from components.method.templates import parse_template
-
-    slots = parse_template(meta["template"]).slots or ("sub",)
-    inputs = Schema([ColSpec("string", slot) for slot in dict.fromkeys(slots)])
-    outputs = Schema([ColSpec("string", "prediction"), ColSpec("double", "score"),
-                      ColSpec(Array("string"), "top_k"), ColSpec(Array("double"), "top_k_scores")])
-    return ModelSignature(inputs=inputs, outputs=outputs,
-                          params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("batch_size", "long", 32)]))
-
-
-def _requirements() -> list[str]:
-    """Pinned to what logged the model: no requirement inference (it is slow, and imports the model)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for package in ("mlflow", "torch", "transformers", "safetensors", "accelerate", "pandas", "numpy", "pyyaml", "gguf"):
-        try:
-            pins.append(f"{package}=={version(package).split('+')[0]}")
-        except PackageNotFoundError:
-            continue
-    return pins
-
-
-class PromptModel(mlflow.pyfunc.PythonModel):
-    """A trained continuous prompt served with its (frozen) base LM.
-
-    Input: a DataFrame with the template's input columns (LAMA: `sub`). Output: `prediction` (top-1:
-    a word of the benchmark vocabulary when vocab.json was logged, the verbalizer's label when
-    prompt.json has a `verbalizer`, else any token of the LM), `score` (its probability among the
-    candidates), `top_k` and `top_k_scores` (params: top_k, default 5)."""
-
-    def load_context(self, context):
-        import torch
-
-        from components.models.catalog import load_lm
-        from components.method.model import PromptedLM, load_prompt
-        from components.method.templates import parse_template
-
-        directory = Path(context.artifacts["prompt"])
-        prompt, self.meta = load_prompt(directory)
-        lm = load_lm(self.meta["base_model"])
-        self.tokenizer, self.causal = lm.tokenizer, lm.causal
-        self.template = parse_template(self.meta["template"])
-        self.model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        self.labels, ids = None, None
-        verbalizer = self.meta.get("verbalizer")
-        if verbalizer:  # SuperGLUE: label -> word, one token after a space
-            self.labels = [str(label) for label in verbalizer]
-            words = [verbalizer[label] if isinstance(verbalizer[label], str) else verbalizer[label][0] for label in verbalizer]
-            ids = [self.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words]
-        elif (directory / "vocab.json").exists():  # LAMA: the benchmark's vocabulary, one token each
-            from components.benchmarks.lama.run import candidate_vocabulary
-
-            self.labels, ids = candidate_vocabulary(json.loads((directory / "vocab.json").read_text()), self.tokenizer)
-        self.candidate_ids = torch.tensor(ids) if ids is not None else None
-        limit = getattr(lm.model.config, "max_position_embeddings", None) or getattr(lm.model.config, "n_positions", None) or 512
-        self.max_length = min(int(self.meta.get("max_length", limit)), int(limit))
-        slots = self.template.slots
-        self.truncate = self.meta.get("truncate") or (slots[0] if len(set(slots)) == 1 else None)
-
-    def _word(self, index: int) -> str:
-        if self.labels is not None:
-            return self.labels[index]
-        return self.tokenizer.decode([index]).strip()
-
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-        import torch
-
-        from components.method.templates import collate, encode
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        slots = list(dict.fromkeys(self.template.slots))
-        missing = [s for s in slots if s not in frame.columns]
-        if missing:
-            raise ValueError(f"input lacks column(s) {missing}; the template {self.meta['template']!r} reads {slots}")
-        params = params or {}
-        top_k, batch_size = int(params.get("top_k", 5)), int(params.get("batch_size", 32))
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        encoded = [encode(self.template, self.tokenizer, {s: str(row[s]) for s in slots}, self.causal,
-                          n_target_tokens=1, max_length=self.max_length, truncate=self.truncate)
-                   for row in frame.to_dict("records")]
-        rows = []
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                batch = {k: v.to(self.device) for k, v in collate(encoded[start:start + batch_size], pad_id).items()}
-                candidates = self.candidate_ids.to(self.device) if self.candidate_ids is not None else None
-                logits = self.model(**batch, candidate_ids=candidates)[:, 0].float()
-                probs = logits.softmax(-1)
-                k = min(top_k, probs.shape[-1])
-                best = logits.argmax(-1)  # the same argmax as evaluation (precision_at_1)
-                top_p, top_i = probs.topk(k, dim=-1)
-                for row in range(len(best)):
-                    rows.append({"prediction": self._word(int(best[row])), "score": float(probs[row, best[row]]),
-                                 "top_k": [self._word(int(i)) for i in top_i[row]],
-                                 "top_k_scores": [float(p) for p in top_p[row]]})
-        return pd.DataFrame(rows, columns=["prediction", "score", "top_k", "top_k_scores"])

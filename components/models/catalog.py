@@ -10,11 +10,10 @@ A name is one of
 Models that live on disk (SmolLM2, tiny-*) are materialised once into the cache directory
 ($PTUNING_MODEL_CACHE, default ~/.cache/ptuning/models) as config + safetensors + tokenizer.
 
-    python -m components.models.catalog smollm2-135m     # materialise, print the directory
+    ptuning models prepare smollm2-135m     # materialise, print the directory
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -164,13 +163,6 @@ def model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def prepare(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Materialise `name` on disk (what `ptuning models prepare NAME` runs) and print where it is."""
-    directory = model_dir(name, cache_dir)
-    print(directory)
-    return directory
-
-
 # --- names that are not in the catalogue ------------------------------------------------------------
 
 def _resolve(name: str):
@@ -288,20 +280,3 @@ def _roberta_tokenizer(gpt2: Path) -> PreTrainedTokenizerBase:
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
     return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=512,
                             mask_token=AddedToken("<mask>", lstrip=True, rstrip=False))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.models.catalog", description="Materialise a model; print its directory.")
-    parser.add_argument("name", help=f"one of {', '.join(n for n, e in CATALOGUE.items() if not isinstance(e, RandomInit) or e.on_disk)}, a local directory or a hub id")
-    parser.add_argument("--cache-dir", help="default: $PTUNING_MODEL_CACHE or ~/.cache/ptuning/models")
-    args = parser.parse_args(argv)
-    try:
-        prepare(args.name, args.cache_dir)
-    except ValueError as error:  # an unknown name, or a model that has no directory
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from components.training.callbacks import Callback
+from components.training.storage import save_checkpoint
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on a CUDA device that has it) | bf16 | fp32
     length_bucketing: bool = True
     seed: int = 34
+    deterministic: bool = True  # reproducible kernels (seed_everything): the same seed, the same figures
 
     def __post_init__(self):
         checks = {
@@ -104,9 +106,36 @@ def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, b
     return batches
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python's and torch's generators (every CUDA device's too) and, with `deterministic`, make the
+    kernels reproducible, so that a seeded run gives the same figures to the last digit.
+
+    CPU: `torch.use_deterministic_algorithms(True)`. The one nondeterministic kernel on P-tuning's path is the
+    backward of `vectors[prompt_index]` (PromptedLM.input_embeddings): `index_put_(accumulate=True)` adds each
+    prompt position's gradient into its prompt vector from several threads in whatever order they finish.
+    Measured with 2 threads: 30 of 30 repeats of that backward differed bitwise (0 of 30 with one thread, or
+    with this flag, which switches to a sorted, ordered accumulation); the LSTM, the MLP, the frozen LM's
+    matmuls, the loss, fused Adam and the seeded data order repeat exactly. Over 20 SmolLM2-135M steps it moved
+    test P@1 on P19 by a few facts, as the issue reported (0.1642 vs 0.1614 after 60 steps).
+
+    CUDA, as reproducible as the hardware allows, on the same GPU model, driver and library versions:
+    - `torch.use_deterministic_algorithms(True)`: deterministic scatter/index_put/embedding backward and the
+      deterministic backward of memory-efficient attention (SDPA); an op with no deterministic CUDA kernel
+      raises instead of silently varying (pass deterministic=False, `--set train.deterministic=false`, to run it);
+    - `CUBLAS_WORKSPACE_CONFIG=:4096:8`: cuBLAS picks reproducible reduction splits only with a fixed
+      workspace; read once, at the process's first cuBLAS call, so it is set here only if still unset (export
+      it in the environment when CUDA work precedes the first `fit`);
+    - `torch.backends.cudnn.deterministic = True`, `torch.backends.cudnn.benchmark = False`: cuDNN (the LSTM)
+      uses one fixed algorithm instead of the fastest of a timed race.
+    Other GPU models, drivers or library versions (and TF32, bf16) may still round differently: the figures
+    repeat on one machine, and agree across machines only to within that rounding."""
     random.seed(seed)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
 
 
 def make_accelerator(precision: str):
@@ -182,7 +211,7 @@ def fit(
         raise ValueError("no training examples")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: every parameter is frozen")
-    seed_everything(config.seed)
+    seed_everything(config.seed, config.deterministic)
     accelerator = make_accelerator(config.precision)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_items) / config.batch_size)
@@ -225,12 +254,10 @@ def fit(
             state["bad_evals"] += 1
         state["history"].append({"step": state["step"], "epoch": state["epoch"], **metrics})
         if checkpoint is not None and accelerator.is_main_process:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"model": _trainable_state(accelerator.unwrap_model(model)), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "state": state, "best_state": best_state,
-                        "rng": torch.get_rng_state()}, tmp)
-            os.replace(tmp, checkpoint)  # atomic: a kill mid-write leaves the previous checkpoint
+            # atomic: a kill or a full disk (DiskFull) mid-write leaves the previous checkpoint and no partial file
+            save_checkpoint({"model": _trainable_state(accelerator.unwrap_model(model)),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
+                             "best_state": best_state, "rng": torch.get_rng_state()}, checkpoint)
         for cb in callbacks:
             cb.on_evaluate(state["step"], state["epoch"], metrics, better)
         return config.patience is not None and state["bad_evals"] >= config.patience

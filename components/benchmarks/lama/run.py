@@ -189,6 +189,8 @@ def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: 
     if prompt is not None:
         export_prompt(prompt, prompt_dir, template.text, params["model"],
                       {"benchmark": "lama", "task": relation, "vocab": params["vocab"], "causal": lm.causal})
+        # the answers a served prompt may give: the benchmark vocabulary, as P@1 reads it
+        (prompt_dir / "vocab.json").write_text(json.dumps(vocab_words))
     log.info("%s %s: test P@1 %.4f (dev %s) after %d steps", relation, method, test_p1, dev_p1, steps)
     return RelationResult(relation, test_p1, dev_p1, len(splits["train"]), len(splits["test"]), dropped, steps, prompt_dir, history)
 
@@ -221,8 +223,10 @@ def run(config, output_dir: str | Path, callbacks: list[Callback] = ()) -> dict:
         # dev.score: the model-selection score (dev, never test) that search maximises
         "dev": {"p1": dev_p1, "score": dev_p1},
         "prompts": {r.relation: str(r.prompt_dir) for r in results if r.prompt_dir},
-        "relations": {r.relation: {"test": {"p1": r.test_p1}, "dev": {"p1": r.dev_p1}, "n_train": r.n_train,
-                                   "n_test": r.n_test, "dropped": r.dropped, "steps": r.steps} for r in results},
+        # per relation, with the same keys as the run's (what a registered prompt of one relation reports)
+        "tasks": {r.relation: {"test": {"p1": r.test_p1}, "dev": {"p1": r.dev_p1, "score": r.dev_p1},
+                               "n_train": r.n_train, "n_test": r.n_test, "dropped": r.dropped, "steps": r.steps}
+                  for r in results},
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

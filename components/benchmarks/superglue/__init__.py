@@ -1,4 +1,13 @@
-"""SuperGLUE / FewGLUE (paper Tables 3-5): the benchmark's registry row."""
+"""SuperGLUE / FewGLUE (paper Tables 3-5): the benchmark's registry row.
+
+    tasks.py    the one table of tasks (reader, patterns, verbalizer, metrics, kind, ...)
+    kinds.py    task kinds: items, collate, loss and prediction of each kind of task
+    methods.py  finetune, manual-zeroshot, manual-finetune, ptuning
+    inputs.py   a task as one model reads it
+    metrics.py  accuracy, macro-F1, F1a, exact match
+    prepare.py  the DVC stage prepare_fewglue
+    run.py      plan (every check before a model loads) and run
+"""
 from __future__ import annotations
 
 import argparse
@@ -24,11 +33,12 @@ class SuperGlue:
         return runner.plan(params)
 
     def prepare(self, raw: Path, out: Path, root: Path) -> dict:
+        from components.benchmarks.superglue.prepare import prepare
         from components.config import load_params
 
         settings = load_params("superglue", root)["prepare"]
-        return runner.prepare(raw=raw, out=out, seed=settings["seed"], dev_size=settings["dev_size"],
-                              full_dev_fraction=settings["full_dev_fraction"])
+        return prepare(raw=raw, out=out, seed=settings["seed"], dev_size=settings["dev_size"],
+                       full_dev_fraction=settings["full_dev_fraction"])
 
     def run(self, config, output_dir: Path, callbacks) -> dict:
         return runner.run(config, output_dir, callbacks)

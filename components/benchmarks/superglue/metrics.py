@@ -1,11 +1,11 @@
 """SuperGLUE metrics, written out so that each can be checked against hand-computed values.
 
 accuracy      share of predictions equal to the label (every task)
-macro_f1      CB: the unweighted mean of the per-class F1 over the classes that occur in the labels or the
+macro_f1      the unweighted mean of the per-class F1 over the classes that occur in the labels or the
               predictions (scikit-learn's `average="macro"`, which PET uses); a class that occurs but is
               never predicted (or never right) counts with F1 = 0
-f1a           MultiRC: binary F1 of the positive class ("1", the answer is correct) over *all* answer options
-exact_match   MultiRC: share of questions whose answer options are *all* predicted right, the options
+f1a           binary F1 of the positive class ("1", the answer is correct) over *all* answer options
+exact_match   share of questions whose answer options are *all* predicted right, the options
               grouped by their question
 """
 from __future__ import annotations
@@ -54,12 +54,12 @@ def macro_f1(predictions: Sequence[Hashable], labels: Sequence[Hashable], classe
 
 
 def f1a(predictions: Sequence[Hashable], labels: Sequence[Hashable], positive: Hashable = "1") -> float:
-    """MultiRC F1a: binary F1 over all answer options."""
+    """F1a: binary F1 over all answer options."""
     return f1_for_class(predictions, labels, positive)
 
 
 def exact_match(predictions: Sequence[Hashable], labels: Sequence[Hashable], groups: Sequence[Hashable]) -> float:
-    """MultiRC EM: a question (group) counts as right only when every one of its options is right."""
+    """EM: a question (group) counts as right only when every one of its options is right."""
     _check_lengths(predictions, labels, groups)
     right: dict[Hashable, bool] = defaultdict(lambda: True)
     for p, y, g in zip(predictions, labels, groups):
@@ -88,5 +88,5 @@ def task_metrics(names: Sequence[str], predictions: Sequence[Hashable], labels: 
 
 
 def primary_score(metrics: dict[str, float], names: Sequence[str]) -> float:
-    """One number per task: the metric, or the mean of the two for CB (acc, F1) and MultiRC (EM, F1a)."""
+    """One number per task: the mean of its metrics (acc alone; acc and macro-F1; EM and F1a)."""
     return sum(metrics[n] for n in names) / len(names)

@@ -1,0 +1,228 @@
+"""The served prompt: what a registered prompt answers, in its task's terms, and how it is logged to MLflow.
+
+A registered prompt is an MLflow "models from code" pyfunc: `prompt_model.py` (this package) is the model,
+executed at load time, so no pickle is read (it loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false). Its
+artifacts are the prompt directory's files: prompt.safetensors, encoder.safetensors, prompt.json, LAMA's
+vocab.json and, for a prompt trained together with its LM (`lm_trained`), the LM itself under `lm/`
+(safetensors, written by components.method.model.export_lm). The project's code travels with the model (`code/components`), and
+its requirements pin the third-party packages serving imports, so any MLflow environment manager can
+rebuild it:
+
+    mlflow models serve -m models:/ptuning-lama-P19-29k-smollm2-135m@champion --env-manager local -p 5001
+    curl -d '{"inputs": [{"sub": "Dante"}], "params": {"top_k": 3}}' -H 'Content-Type: application/json' \
+         127.0.0.1:5001/invocations
+    # {"predictions": [{"prediction": "Florence", "score": 0.41, "top_k": [...], "top_k_scores": [...]}]}
+
+`--env-manager virtualenv|uv|conda` installs the pinned requirements from PyPI; the base LM of a frozen-LM
+prompt must then be reachable by the model catalogue there (its cache, PTUNING_MODEL_CACHE, or the mirror).
+
+What each kind answers (the request's fields are the template's `{slots}`):
+    LAMA                     a word of the benchmark vocabulary (vocab.json): top-k with their scores
+    SuperGLUE classification its labels through the verbalizer (BoolQ, CB, RTE, WiC; MultiRC per answer option)
+    COPA, WSC                refused at registration: their answers are choice scoring / span generation
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pydantic import BaseModel, create_model
+
+from components.method.model import LM_DIR
+
+PROMPT_FILES = ("prompt.safetensors", "encoder.safetensors", "prompt.json", "vocab.json")
+MODEL_CODE = Path(__file__).with_name("prompt_model.py")
+# what `import components.mlops.prompt_model` pulls in at serving time, pinned to the versions that logged it
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pydantic", "numpy", "pandas",
+                    "pyyaml", "filelock", "gguf")
+# SuperGLUE task kinds (prompt.json `kind`) the served model answers: one verbalizer token per label
+SERVED_KINDS = ("classification", "grouped_classification")  # MultiRC (grouped): one answer option per row
+REFUSED_KINDS = {
+    "choice_scoring": "COPA answers by scoring its choices as multi-token continuations; the served model "
+                      "answers one verbalizer token per label",
+    "span_generation": "WSC answers by generating the referent span; the served model answers one verbalizer "
+                       "token per label",
+}
+
+
+class NotServable(ValueError):
+    """A prompt the served model cannot answer for in its task's terms: registration refuses it."""
+
+
+class Answer(BaseModel):
+    """One answer: the top-1 (a vocabulary word or a label), its probability among the candidates, the top-k."""
+    prediction: str
+    score: float
+    top_k: list[str]
+    top_k_scores: list[float]
+
+
+def read_meta(prompt_dir: str | Path) -> dict:
+    prompt_dir = Path(prompt_dir)
+    if not (prompt_dir / "prompt.json").is_file() or not (prompt_dir / "prompt.safetensors").is_file():
+        raise FileNotFoundError(f"{prompt_dir} holds no exported prompt (prompt.json + prompt.safetensors)")
+    return json.loads((prompt_dir / "prompt.json").read_text())
+
+
+def input_fields(meta: dict) -> list[str]:
+    """The request's fields: the template's slots, in order."""
+    from components.method.templates import parse_template
+
+    return list(dict.fromkeys(parse_template(meta["template"]).slots))
+
+
+def check_servable(prompt_dir: str | Path, vocab_file: str | Path | None = None) -> dict:
+    """prompt.json, when the served model can answer for it in its task's terms; else NotServable says why.
+    `vocab_file`: LAMA's vocabulary when it is not next to the prompt (`vocab.json`)."""
+    prompt_dir = Path(prompt_dir)
+    meta = read_meta(prompt_dir)
+    where = f"{prompt_dir}: {meta.get('benchmark')} {meta.get('task')}"
+    kind = meta.get("kind")
+    if meta.get("benchmark") != "lama" and kind not in SERVED_KINDS:
+        reason = REFUSED_KINDS.get(kind, f"the served model answers only the task kinds {', '.join(SERVED_KINDS)}")
+        raise NotServable(f"{where} (kind {kind}) is not servable: {reason}")
+    if meta.get("benchmark") == "lama":
+        if not (prompt_dir / "vocab.json").is_file() and not (vocab_file and Path(vocab_file).is_file()):
+            raise NotServable(f"{where}: no vocab.json next to the prompt; LAMA answers words of its benchmark "
+                              "vocabulary (pass vocab_file=)")
+    elif not meta.get("verbalizer") or not meta.get("labels"):
+        raise NotServable(f"{where}: prompt.json has no `verbalizer`/`labels`; a classification prompt answers its labels")
+    if meta.get("lm_trained") and not (prompt_dir / LM_DIR / "config.json").is_file():
+        raise NotServable(f"{where}: the LM was trained with this prompt but {prompt_dir / LM_DIR} holds no LM "
+                          "(the benchmark writes it with components.method.model.export_lm after training)")
+    if not input_fields(meta):
+        raise NotServable(f"{where}: the template {meta['template']!r} reads no input field")
+    return meta
+
+
+def query_type(fields: list[str]) -> type[BaseModel]:
+    """The request row: one required string per template slot (MLflow's signature and validation)."""
+    return create_model("Query", **{name: (str, ...) for name in fields})
+
+
+def requirements() -> list[str]:
+    """The serving packages pinned to the versions installed here (no inference: it imports the model)."""
+    pins = []
+    for package in SERVING_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+class PromptPredictor:
+    """A prompt directory (or a model's `prompt` artifact) loaded with its LM: answers rows of input fields."""
+
+    def __init__(self, prompt_dir: str | Path):
+        import torch
+
+        from components.method.model import PromptedLM, load_prompt
+        from components.method.templates import parse_template, piece_ids
+        from components.models.catalog import load_lm
+
+        directory = Path(prompt_dir)
+        self.meta = check_servable(directory)
+        prompt, _ = load_prompt(directory)
+        lm = load_lm(str(directory / LM_DIR) if (directory / LM_DIR).is_dir() else self.meta["base_model"])
+        self.tokenizer, self.causal = lm.tokenizer, lm.causal
+        self.template = parse_template(self.meta["template"])
+        self.fields = input_fields(self.meta)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval().to(self.device)
+        if self.meta.get("benchmark") == "lama":  # the benchmark's words that are one token of this model
+            from components.benchmarks.lama.run import candidate_vocabulary
+
+            self.answers, ids = candidate_vocabulary(json.loads((directory / "vocab.json").read_text()), self.tokenizer)
+            self.truncate = "sub"
+        else:  # SuperGLUE classification: one verbalizer token per label, in the labels' order
+            verbalizer = self.meta["verbalizer"]
+            self.answers = [str(label) for label in self.meta["labels"]]
+            ids = [piece_ids(self.tokenizer, verbalizer[label])[0] for label in self.answers]
+            self.truncate = self.meta.get("truncate")
+        self.candidate_ids = torch.tensor(ids, device=self.device)
+        config = lm.model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
+        self.max_length = min(int(self.meta.get("max_length") or limit), int(limit))
+
+    def missing(self, rows: list[dict]) -> list[str]:
+        return [f for f in self.fields if any(f not in row or row[f] is None for row in rows)]
+
+    def predict(self, rows: list[dict], top_k: int = 5, batch_size: int = 32) -> list[dict]:
+        """One Answer (as a dict) per row; a row without one of the fields fails with a ValueError naming it."""
+        import torch
+
+        from components.method.templates import collate, encode, pad_id
+
+        missing = self.missing(rows)
+        if missing:
+            raise ValueError(f"input lacks field(s) {missing}: the template {self.meta['template']!r} reads {self.fields}")
+        encoded = [encode(self.template, self.tokenizer, {f: str(row[f]) for f in self.fields}, self.causal,
+                          n_target_tokens=1, max_length=self.max_length, truncate=self.truncate) for row in rows]
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                batch = {k: v.to(self.device) for k, v in collate(encoded[start:start + batch_size], pad_id(self.tokenizer)).items()}
+                logits = self.model(**batch, candidate_ids=self.candidate_ids)[:, 0].float()
+                probs = logits.softmax(-1)
+                best = logits.argmax(-1)  # the evaluation's argmax (LAMA precision_at_1, SuperGLUE predict)
+                top_p, top_i = probs.topk(min(int(top_k), probs.shape[-1]), dim=-1)
+                for row in range(len(best)):
+                    out.append({"prediction": self.answers[int(best[row])], "score": float(probs[row, best[row]]),
+                                "top_k": [self.answers[int(i)] for i in top_i[row]],
+                                "top_k_scores": [float(p) for p in top_p[row]]})
+        return out
+
+
+def log_prompt_model(prompt_dir: str | Path, *, run_id: str, registered_model_name: str | None = None,
+                     tags: dict | None = None, vocab_file: str | Path | None = None):
+    """Log `prompt_dir` as a models-from-code pyfunc of run `run_id` (signature from prompt_model.py's type
+    hints, an input example of the template's fields) and, with a name, register it. Returns MLflow's ModelInfo."""
+    import tempfile
+
+    import mlflow
+    from mlflow.models import Model
+
+    import components
+
+    prompt_dir = Path(prompt_dir)
+    meta = check_servable(prompt_dir, vocab_file)
+    fields = input_fields(meta)
+    example = ([{f: _example_value(f) for f in fields}], {"top_k": 5})
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "prompt"
+        staged.mkdir()
+        for name in PROMPT_FILES:
+            if (prompt_dir / name).is_file():
+                shutil.copy2(prompt_dir / name, staged / name)
+        if vocab_file is not None and not (staged / "vocab.json").exists():
+            shutil.copy2(vocab_file, staged / "vocab.json")
+        if (prompt_dir / LM_DIR).is_dir():
+            shutil.copytree(prompt_dir / LM_DIR, staged / LM_DIR)
+        code = Path(tmp) / "components"  # the project's code, without caches
+        shutil.copytree(Path(components.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return Model.log(artifact_path=None, name="prompt", flavor=mlflow.pyfunc, run_id=run_id, python_model=str(MODEL_CODE),
+                         artifacts={"prompt": str(staged)}, model_config={"fields": fields}, input_example=example,
+                         code_paths=[str(code)], pip_requirements=requirements(), registered_model_name=registered_model_name,
+                         model_type="ptuning-prompt", tags=tags,
+                         metadata={"ptuning": {k: v for k, v in meta.items() if k != "encoder"}})
+
+
+def _example_value(field: str) -> str:
+    """An input example value: LAMA subjects are names; other fields a short sentence."""
+    return "Dante" if field == "sub" else "The cat sat on the mat"
+
+
+def load(model: str):
+    """`ptuning predict --model`: a local prompt directory directly, or a `models:/...` URI (any MLflow model
+    URI) through pyfunc. Returns (the request fields, predict(rows, top_k) -> a list of answer dicts)."""
+    if Path(model).expanduser().is_dir():
+        predictor = PromptPredictor(Path(model).expanduser())
+        return predictor.fields, lambda rows, top_k=5: predictor.predict(rows, top_k=top_k)
+    import mlflow
+
+    loaded = mlflow.pyfunc.load_model(model)
+    fields = input_fields(loaded.metadata.metadata["ptuning"])
+    return fields, lambda rows, top_k=5: [dict(a) for a in loaded.predict(rows, params={"top_k": top_k})]

@@ -1,0 +1,280 @@
+"""The paper's LAMA table (Table 2) on one model: `ptuning report lama --model M`.
+
+Methods: the manual prompt (MP) and P-tuning over the relations (P-tuning: frozen LM, every seed, all
+relations' prompts trained together by the shared-batch trainer); FT and MP+FT train the LM, one fresh LM per
+relation: every relation on a GPU, on a CPU the subset that params/report.yaml declares (the report names it).
+Every (method, relation, seed) is saved under `<out>/units/` as it finishes, so a killed report resumes.
+
+Writes `<out>/results.json` (P@1 as fractions), `<out>/REPORT.md` and three PNG figures.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from components.benchmarks import TaskPlan
+from components.benchmarks.lama import shared
+from components.benchmarks.lama.run import RELATIONS, relations_of, run_relation
+from components.common import remove_checkpoints, safe_name, stable_hash
+from components.reports.figures import curves, grouped_bars
+from components.reports.store import UnitStore, mean_std, write_atomic
+from components.run_config import resolve
+
+log = logging.getLogger(__name__)
+METHOD_NAMES = {"manual": "MP", "finetune": "FT", "manual-finetune": "MP+FT", "ptuning": "P-tuning"}
+LM_TRAINED = ("finetune", "manual-finetune")
+
+
+@dataclass(frozen=True)
+class LamaReport:
+    model: str
+    vocab: str
+    seeds: tuple[int, ...]
+    relations: tuple[str, ...]
+    methods: tuple[str, ...]
+    output_dir: Path
+    command: str
+    params: tuple[tuple[str, object], ...] = ()  # params/lama.yaml overrides for every method (the command's --set)
+
+    @classmethod
+    def from_settings(cls, settings: dict, model: str, command: str, root: Path, vocab=None, seeds=None,
+                      relations=None, methods=None, output_dir=None, params: dict | None = None) -> "LamaReport":
+        """The report's settings (params/report.yaml `lama:`) with the command line's choices over them;
+        every bad value fails here, before anything runs."""
+        methods = tuple(methods or settings["methods"])
+        unknown = [m for m in methods if m not in METHOD_NAMES]
+        if unknown:
+            raise ValueError(f"unknown report method(s) {unknown}; choose from {', '.join(METHOD_NAMES)}")
+        seeds = tuple(int(s) for s in (seeds or settings["seeds"]))
+        if not seeds:
+            raise ValueError("a report needs at least one seed")
+        relations = tuple(relations_of(relations or settings["relations"]))
+        out = Path(output_dir) if output_dir else root / "reports" / "lama" / safe_name(model)
+        report = cls(model, vocab or settings["vocab"], seeds, relations, methods, out, command,
+                     tuple(sorted((params or {}).items())))
+        for method in methods:  # params/lama.yaml + overrides, validated by the benchmark (model, vocab, training)
+            report.config(settings, method, seeds[0], root)
+        return report
+
+    def config(self, settings: dict, method: str, seed: int, root: Path, relations=None):
+        overrides = {"model": self.model, "vocab": self.vocab, "method": method, "train.seed": seed,
+                     "task": ",".join(relations or self.relations), **(settings["overrides"].get(method) or {}),
+                     **dict(self.params)}
+        return resolve("lama", overrides, root)
+
+
+def run_report(report: LamaReport, settings: dict, root: Path, show_progress: bool = True,
+               on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run what is missing, then write results.json, REPORT.md and the figures; returns results.json's dict."""
+    started = time.time()
+    store = UnitStore(report.output_dir / "units")
+    timings = _read_json(report.output_dir / "units" / "timing.json")
+    on_gpu = torch.cuda.is_available()
+    lm_subset = tuple(r for r in report.relations if on_gpu or r in settings["cpu_lm_trained_relations"])
+    for method in report.methods:
+        t0 = time.time()
+        relations = lm_subset if method in LM_TRAINED else report.relations
+        seeds = (None,) if method == "manual" else report.seeds
+        base = report.config(settings, method, report.seeds[0], root)
+        fingerprint = base.fingerprint()
+        fingerprint["params"] = {k: v for k, v in fingerprint["params"].items() if k != "task"}
+        if method == "ptuning":  # its results come from the shared trainer: its code counts too
+            fingerprint["shared_trainer"] = stable_hash(Path(shared.__file__).read_text())
+        key = lambda relation, seed: stable_hash({**fingerprint, "relation": relation, "seed": seed})
+        todo = [(r, s) for s in seeds for r in relations if store.get(method, r, s, key(r, s)) is None]
+        log.info("%s: %d of %d units to run", method, len(todo), len(relations) * len(seeds))
+        if todo:
+            runner = _run_ptuning if method == "ptuning" else _run_one_by_one
+            figures = runner(report, settings, base, method, todo, store, key, root, show_progress, on_progress)
+            previous = timings.get(method, {})
+            timings[method] = {**figures, "seconds": previous.get("seconds", 0.0) + time.time() - t0}
+            write_atomic(report.output_dir / "units" / "timing.json", json.dumps(timings, indent=1))
+    results = _aggregate(report, settings, store, timings, lm_subset, on_gpu)
+    results["wall_s_this_invocation"] = time.time() - started
+    write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
+    _figures(report, results, store)
+    write_atomic(report.output_dir / "REPORT.md", _markdown(report, results, settings))
+    return results
+
+
+def _run_one_by_one(report, settings, base, method, todo, store, key, root, show_progress, on_progress) -> dict:
+    """MP (one LM for every relation) and FT / MP+FT (a fresh LM per relation and seed)."""
+    from tqdm import tqdm
+
+    from components.models.catalog import load_lm
+
+    work = root / "outputs" / "reports" / "lama" / safe_name(report.model) / method
+    lm = load_lm(report.model) if method == "manual" else None
+    bar = tqdm(todo, desc=METHOD_NAMES[method], unit="relation", disable=not show_progress, mininterval=2.0)
+    for i, (relation, seed) in enumerate(bar):
+        t0 = time.time()
+        plan = TaskPlan(relation, None)
+        if method != "manual":
+            lm = load_lm(report.model)  # every relation starts from the pretrained LM
+            plan = base.with_overrides({"train.seed": seed, "task": relation}).tasks[0]
+        run_dir = work / (f"{relation}-s{seed}" if seed is not None else relation)
+        result = run_relation(plan, lm, base.params, run_dir)
+        remove_checkpoints(run_dir)  # a finished unit keeps its figures, not an LM's resume state
+        store.put(method, relation, seed, key(relation, seed), {
+            "relation": relation, "test_p1": result.test_p1, "dev_p1": result.dev_p1, "steps": result.steps,
+            "n_train": result.n_train, "n_test": result.n_test, "dropped": result.dropped,
+            "history": result.history, "seconds": time.time() - t0})
+        if on_progress is not None:
+            on_progress({"method": method, "done": i + 1, "remaining": len(todo) - i - 1})
+    return {}
+
+
+def _run_ptuning(report, settings, base, method, todo, store, key, root, show_progress, on_progress) -> dict:
+    """Every missing (relation, seed) prompt in one shared-batch training over one frozen LM."""
+    from components.models.catalog import load_lm
+
+    lm = load_lm(report.model)
+    relations = list(dict.fromkeys(r for r, _ in todo))
+    loaded, candidate_ids = shared.load_relations(relations, lm, base.params, "ptuning")
+    by_name = {d.relation: d for d in loaded}
+    config = base.tasks[0].train
+    jobs = [shared.Job(f"{r}-s{s}", by_name[r], replace(config, seed=s), base.params["encoder"]) for r, s in todo]
+
+    def save(result: shared.JobResult):
+        data = by_name[result.relation]
+        store.put(method, result.relation, result.seed, key(result.relation, result.seed), {
+            "relation": result.relation, "test_p1": result.test_p1, "dev_p1": result.dev_p1, "steps": result.steps,
+            "best_step": result.best_step, "stopped_early": result.stopped_early,
+            "n_train": len(data.splits["train"]), "n_test": len(data.splits["test"]), "dropped": data.dropped,
+            "history": result.history, "seconds": result.seconds})
+
+    progress = (lambda p: on_progress({"method": method, **p})) if on_progress else None
+    _, timing = shared.train_shared(lm, jobs, candidate_ids, pool=settings["pool"], lm_batch=settings["lm_batch"],
+                                    eval_batch_size=base.params["eval_batch_size"], on_job_end=save,
+                                    on_progress=progress, show_progress=show_progress)
+    return timing
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _aggregate(report: LamaReport, settings: dict, store: UnitStore, timings: dict, lm_subset, on_gpu: bool) -> dict:
+    """Per method: per relation the mean (and std) over seeds; the macro average per seed, then its mean and
+    std over seeds. Only relations with every seed finished count (`n_relations` says how many)."""
+    methods = {}
+    for method in report.methods:
+        seeds = [None] if method == "manual" else list(report.seeds)
+        wanted = lm_subset if method in LM_TRAINED else report.relations
+        units = {}
+        for relation in wanted:
+            found = [json.loads(p.read_text()) for s in seeds if (p := store.path(method, relation, s)).exists()]
+            if len(found) == len(seeds):
+                units[relation] = found
+        relations = {}
+        for relation, found in units.items():
+            test_mean, test_std = mean_std([u["test_p1"] for u in found])
+            relations[relation] = {
+                "test_p1": test_mean, "test_p1_std": test_std,
+                "dev_p1": mean_std([u["dev_p1"] for u in found])[0] if found[0]["dev_p1"] is not None else None,
+                "steps": mean_std([u["steps"] for u in found])[0], "seconds": sum(u["seconds"] for u in found),
+                "n_test": found[0]["n_test"], "test_p1_by_seed": {str(u["seed"]): u["test_p1"] for u in found},
+                "dev_curve": [(h["step"], h["dev.p1"]) for h in found[0]["history"]]}
+        entry = {"n_relations": len(relations), "relations_run": list(wanted), "seeds": seeds if seeds != [None] else [],
+                 "relations": relations, "timing": timings.get(method, {})}
+        if relations:
+            per_seed = [sum(units[r][i]["test_p1"] for r in relations) / len(relations) for i in range(len(seeds))]
+            entry["macro_test_p1"], entry["macro_test_p1_std"] = mean_std(per_seed)
+            devs = [v["dev_p1"] for v in relations.values() if v["dev_p1"] is not None]
+            entry["macro_dev_p1"] = sum(devs) / len(devs) if devs else None
+            entry["macro_test_p1_by_seed"] = per_seed
+        methods[method] = entry
+    return {"benchmark": "lama", "model": report.model, "vocab": report.vocab, "command": report.command,
+            "device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "seeds": list(report.seeds),
+            "relations": list(report.relations), "lm_trained_relations": list(lm_subset),
+            "settings": {"overrides": settings["overrides"], "pool": settings["pool"], "lm_batch": settings["lm_batch"]},
+            "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()), "methods": methods}
+
+
+def _figures(report: LamaReport, results: dict, store: UnitStore) -> None:
+    out, methods = report.output_dir, results["methods"]
+    shown = [m for m in ("manual", "ptuning") if methods.get(m, {}).get("relations")]
+    if shown:
+        rels = sorted(set.intersection(*(set(methods[m]["relations"]) for m in shown)))
+        gain = lambda r: methods[shown[-1]]["relations"][r]["test_p1"] - methods[shown[0]]["relations"][r]["test_p1"]
+        rels.sort(key=gain, reverse=True)
+        grouped_bars(out / "relations.png", rels,
+                     {METHOD_NAMES[m]: [100 * methods[m]["relations"][r]["test_p1"] for r in rels] for m in shown},
+                     "test P@1 (%)", f"LAMA-{report.vocab} per relation, {report.model}")
+    if methods.get("ptuning", {}).get("relations"):
+        lines = {r: [(s, 100 * p) for s, p in v["dev_curve"]] for r, v in methods["ptuning"]["relations"].items()}
+        curves(out / "learning_curves.png", lines, "step", "dev P@1 (%)",
+               f"P-tuning dev P@1 per relation (seed {report.seeds[0]}), {report.model}", mean_label="mean over relations")
+    done = [m for m in report.methods if "macro_test_p1" in methods[m]]
+    if done:
+        grouped_bars(out / "macro.png", [METHOD_NAMES[m] for m in done],
+                     {report.model: [100 * methods[m]["macro_test_p1"] for m in done]},
+                     "macro test P@1 (%)", f"LAMA-{report.vocab}: macro P@1 over relations",
+                     errors={report.model: [100 * methods[m]["macro_test_p1_std"] for m in done]})
+
+
+def _pct(value, std=None) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std else "")
+
+
+def _markdown(report: LamaReport, results: dict, settings: dict) -> str:
+    methods = results["methods"]
+    paper = settings["paper_table2"].get(report.vocab, {})
+    phases = ", ".join(f"{METHOD_NAMES[m]} {methods[m]['timing'].get('seconds', 0) / 60:.1f} min" for m in report.methods)
+    lines = [f"# LAMA-{report.vocab} on {report.model} (paper Table 2)", "",
+             "Produced by", "```", report.command, "```",
+             f"Device: {results['device']}. Wall time of the runs: {results['wall_s'] / 60:.1f} min "
+             f"({phases}). "
+             f"Seeds {', '.join(map(str, report.seeds))} (the manual prompt has none). P@1 in %, restricted to the "
+             f"LAMA-{report.vocab} answer vocabulary, macro-averaged over relations; mean ± std over seeds.", "",
+             "## Macro P@1", "",
+             "| | " + " | ".join(METHOD_NAMES[m] for m in METHOD_NAMES) + " |", "|---" * (len(METHOD_NAMES) + 1) + "|"]
+    ours = [(_pct(methods[m].get("macro_test_p1"), methods[m].get("macro_test_p1_std"))
+             + (f" ({methods[m]['n_relations']} rel.)" if methods[m]["n_relations"] != len(report.relations) else ""))
+            if m in methods else "not run" for m in METHOD_NAMES]
+    lines.append(f"| **{report.model} (ours)** | " + " | ".join(ours) + " |")
+    for model, row in paper.items():
+        lines.append(f"| {model} (paper) | " + " | ".join(str(row.get(m, "–")) for m in METHOD_NAMES) + " |")
+    lm_trained = [m for m in LM_TRAINED if m in methods]
+    if lm_trained and results["lm_trained_relations"] != results["relations"]:
+        lines += ["", f"FT and MP+FT train the whole LM per relation: on this CPU only the relations "
+                      f"{', '.join(results['lm_trained_relations'])} (params/report.yaml `cpu_lm_trained_relations`), "
+                      "so their macro figures are over that subset, not comparable with the 41-relation columns."]
+    if "manual" in methods and "ptuning" in methods:
+        both = sorted(set(methods["manual"]["relations"]) & set(methods["ptuning"]["relations"]))
+        gains = sorted(((methods["ptuning"]["relations"][r]["test_p1"] - methods["manual"]["relations"][r]["test_p1"], r)
+                        for r in both), reverse=True)
+        if gains:
+            fmt = lambda items: ", ".join(f"{r} ({100 * g:+.1f})" for g, r in items)
+            lines += ["", "## Where P-tuning gains", "", f"Most: {fmt(gains[:5])}.", "",
+                      f"Least: {fmt(gains[::-1][:5])}.", "",
+                      f"P-tuning beats the manual prompt on {sum(g > 0 for g, _ in gains)} of {len(gains)} relations."]
+    lines += ["", "## Per relation", "", "| relation | n test | " + " | ".join(METHOD_NAMES[m] for m in report.methods)
+              + " | P-tuning dev | P-tuning steps |", "|---" * (len(report.methods) + 4) + "|"]
+    for relation in report.relations:
+        cells = [_pct(methods[m]["relations"][relation]["test_p1"], methods[m]["relations"][relation]["test_p1_std"])
+                 if relation in methods[m]["relations"] else "–" for m in report.methods]
+        pt = methods.get("ptuning", {}).get("relations", {}).get(relation, {})
+        n_test = next((methods[m]["relations"][relation]["n_test"] for m in report.methods
+                       if relation in methods[m]["relations"]), "–")
+        lines.append(f"| {relation} | {n_test} | " + " | ".join(cells)
+                     + f" | {_pct(pt.get('dev_p1'))} | {pt.get('steps', '–') if pt else '–'} |")
+    timing = methods.get("ptuning", {}).get("timing", {})
+    if timing.get("train_s"):
+        evaluation = timing["dev_eval_s"] + timing["test_eval_s"]
+        lines += ["", f"P-tuning, shared batches (pool {settings['pool']} prompts, LM batch {settings['lm_batch']}): "
+                      f"{timing['examples_per_s']:.1f} training examples/s; evaluation (dev {timing['dev_eval_s']:.0f} s, "
+                      f"test {timing['test_eval_s']:.0f} s) = {100 * evaluation / timing['train_s']:.1f}% of the training time "
+                      "(figures of the last invocation)."]
+    lines += ["", "## Figures", "", "![per relation](relations.png)", "", "![dev learning curves](learning_curves.png)",
+              "", "![macro](macro.png)", "", "Settings (params/report.yaml over params/lama.yaml): `"
+              + json.dumps(settings["overrides"]) + "`", ""]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""`ptuning report lama` end to end on a tiny model: results.json, REPORT.md, figures, resuming, bad input."""
+import json
+import shutil
+
+import pytest
+
+from components.cli import main
+
+
+@pytest.fixture(scope="module")
+def small_lama(lama_data_dir, tmp_path_factory):
+    """Two relations cut short, so that a report runs in seconds."""
+    out = tmp_path_factory.mktemp("report_lama")
+    shutil.copy(lama_data_dir / "relations.jsonl", out)
+    shutil.copytree(lama_data_dir / "29k", out / "29k", ignore=lambda d, names: [n for n in names if n.startswith("P")])
+    for relation in ("P36", "P1376"):
+        (out / "29k" / relation).mkdir()
+        for split, n in (("train", 24), ("dev", 12), ("test", 20)):
+            lines = (lama_data_dir / "29k" / relation / f"{split}.jsonl").read_text().splitlines()[:n]
+            (out / "29k" / relation / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _report(out, data_dir, *extra):
+    return main(["report", "lama", "--model", "tiny-gpt2", "--relations", "P36,P1376", "--seeds", "34,35",
+                 "--methods", "manual,ptuning", "--set", "train.max_steps=4", "--set", "train.eval_every=2",
+                 "--set", f"data_dir={data_dir}", "--output-dir", str(out), "--no-progress", *extra])
+
+
+def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert _report(out, small_lama) == 0
+    results = json.loads((out / "results.json").read_text())
+    for method in ("manual", "ptuning"):
+        entry = results["methods"][method]
+        assert set(entry["relations"]) == {"P36", "P1376"} and entry["n_relations"] == 2
+        assert 0.0 <= entry["macro_test_p1"] <= 1.0 and entry["macro_test_p1_std"] >= 0.0
+        mean = sum(r["test_p1"] for r in entry["relations"].values()) / 2
+        assert entry["macro_test_p1"] == pytest.approx(mean)
+    ptuning = results["methods"]["ptuning"]
+    assert ptuning["seeds"] == [34, 35] and set(ptuning["relations"]["P36"]["test_p1_by_seed"]) == {"34", "35"}
+    assert ptuning["relations"]["P36"]["steps"] == 4 and [s for s, _ in ptuning["relations"]["P36"]["dev_curve"]] == [2, 4]
+    assert ptuning["timing"]["train_examples"] == 2 * 2 * 4 * 8 and results["wall_s"] > 0
+    report = (out / "REPORT.md").read_text()
+    assert results["command"] in report and "ptuning report lama --model tiny-gpt2" in results["command"]
+    assert "gpt2-medium (paper) | 20.3" in report and "| P1376 |" in report
+    for figure in ("relations.png", "learning_curves.png", "macro.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # killed after all but one unit: a second run trains only that one and ends with the same table
+    units = sorted((out / "units").rglob("P*.json"))
+    assert len(units) == 2 + 4
+    kept = {p: p.stat().st_mtime_ns for p in units}
+    (out / "units" / "ptuning" / "P1376-s35.json").unlink()
+    assert _report(out, small_lama) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["methods"]["ptuning"]["macro_test_p1"] == pytest.approx(ptuning["macro_test_p1"], abs=1e-9)
+    assert again["methods"]["ptuning"]["timing"]["train_examples"] == 4 * 8  # one prompt, 4 steps
+    assert [p for p in units if p.exists() and p.stat().st_mtime_ns != kept[p]] == [out / "units" / "ptuning" / "P1376-s35.json"]
+
+    # other settings: the units are not reused
+    assert _report(out, small_lama, "--set", "train.lr=0.002") == 0
+    assert all(p.stat().st_mtime_ns != kept[p] for p in units if "ptuning" in p.parts)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "manual,zero-shot"], "unknown report method(s) ['zero-shot']"),
+    (["--relations", "P999"], "unknown LAMA relation"),
+    (["--set", "train.lr=-1"], "invalid training settings"),
+])
+def test_bad_report_input_fails_before_anything_runs(args, message, small_lama, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["report", "lama", "--model", "tiny-gpt2", "--set", f"data_dir={small_lama}", "--output-dir", str(out),
+                 "--no-progress", *args])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,170 @@
+"""Registered prompts served for real: `mlflow models serve` over HTTP and `ptuning predict`, with pickle
+loading disabled; answers in the task's terms (LAMA words, SuperGLUE labels), equal to the evaluation's and to
+an independent computation; a jointly tuned LM travels with its prompt; unservable kinds are refused."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import components.benchmarks.lama.run as lama
+from components.method.model import PromptedLM, PromptEncoder, export_prompt, load_prompt
+from components.method.templates import collate, encode, parse_template, piece_ids
+from components.method.model import export_lm
+from components.mlops.serving import NotServable, PromptPredictor, check_servable
+from components.mlops.tracking import CHAMPION, Tracker
+from components.models.catalog import load_lm
+from components.run_config import resolve
+from services import free_port, service_env, start, stop, wait_http
+from test_tracking import CITIES, PEOPLE, lama_prompt, make_lama
+
+BIN = Path(sys.executable).parent
+NO_PICKLE = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+RTE = "{premise} Question: {hypothesis} ? [P] Answer: [Y] ."
+
+
+def independent_scores(prompt_dir: Path, rows: list[dict], words: list[str], lm=None) -> torch.Tensor:
+    """Candidate logits computed here from the exported files: prompt vectors in the LM's input embeddings."""
+    prompt, meta = load_prompt(prompt_dir)
+    lm = lm or load_lm(meta["base_model"])
+    model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval()
+    ids = torch.tensor([piece_ids(lm.tokenizer, w)[0] for w in words])
+    encoded = [encode(parse_template(meta["template"]), lm.tokenizer, row, lm.causal, max_length=512) for row in rows]
+    with torch.no_grad():
+        return model(**collate(encoded, lm.tokenizer.pad_token_id), candidate_ids=ids)[:, 0]
+
+
+def superglue_prompt(directory: Path, seed: int = 0, **extra) -> Path:
+    torch.manual_seed(seed)
+    meta = {"benchmark": "superglue", "task": "rte", "kind": "classification", "setting": "fewshot",
+            "labels": ["entailment", "not_entailment"], "verbalizer": {"entailment": "Yes", "not_entailment": "No"},
+            "patterns": {"default": RTE}, "causal": True, "lm_trained": False, "max_length": 256, "truncate": "premise",
+            **extra}
+    return export_prompt(PromptEncoder(1, 32, "mlp"), directory, RTE, "tiny-gpt2", meta)
+
+
+PAIRS = [{"premise": "A dog runs in the park", "hypothesis": "An animal moves"},
+         {"premise": "The sun is hot", "hypothesis": "Ice is cold"},
+         {"premise": "Paris is in France", "hypothesis": "Paris is in Spain"}]
+
+
+def test_lama_prompt_served_over_http_answers_as_the_evaluation_predicts(mlflow_server, tmp_path):
+    data = make_lama(tmp_path / "lama")
+    config = resolve("lama", {"task": "P19", "model": "tiny-gpt2", "data_dir": str(data), "train.max_steps": 6,
+                              "train.eval_every": 3, "train.batch_size": 4, "train.lr": 0.05, "train.precision": "fp32"})
+    tracker = Tracker(mlflow_server.uri, "serving")
+    with tracker.trial_run("final", config.params):
+        metrics = lama.run(config, tmp_path / "run", callbacks=[])
+        version = tracker.register_prompt(metrics["prompts"]["P19"], "serving-ptuning-lama-P19-29k-tiny-gpt2", metrics, report_key="test.p1",
+                                          vocab_file=data / "29k" / "vocab.json", command="ptuning train lama --task P19")
+    uri = f"models:/{version.name}@{CHAMPION}"
+    env = service_env(MLFLOW_TRACKING_URI=mlflow_server.uri, **NO_PICKLE)
+    port = free_port()
+    server = start([BIN / "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-p", port, "-h", "127.0.0.1"],
+                   env, tmp_path / "serve.log", cwd=tmp_path)
+    try:
+        # meanwhile, without a server: `ptuning predict` on the test facts
+        facts = [{"sub": p} for p in PEOPLE[32:]]
+        (tmp_path / "facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
+        done = subprocess.run([sys.executable, "-m", "components.cli", "predict", "--model", uri, "--input",
+                               str(tmp_path / "facts.jsonl"), "--top-k", "3"], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
+        assert lines[-1] == {"model": uri, "answered": 8, "output": None}  # the CLI's closing summary line
+        predicted = [line["prediction"] for line in lines[:-1]]
+
+        # the evaluation's argmax: the served answers score exactly the run's test P@1
+        truth = [CITIES[i % 5] for i in range(32, 40)]
+        assert sum(p == t for p, t in zip(predicted, truth)) / len(truth) == metrics["test"]["p1"]
+        expected = [CITIES[i] for i in independent_scores(Path(metrics["prompts"]["P19"]), facts, CITIES).argmax(-1).tolist()]
+        assert predicted == expected
+        assert all(line["input"] == f and len(line["top_k"]) == 3 and line["top_k"][0] == line["prediction"]
+                   for line, f in zip(lines, facts))
+
+        wait_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log", timeout=240)
+        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": facts, "params": {"top_k": 3}}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        served = answer.json()["predictions"]
+        assert [a["prediction"] for a in served] == expected
+        assert [a["top_k"] for a in served] == [line["top_k"] for line in lines[:-1]]
+        assert all(a["top_k"][0] in CITIES and a["score"] == a["top_k_scores"][0] for a in served)
+
+        missing = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": [{"subject": "Dante"}]}, timeout=60)
+        assert 400 <= missing.status_code < 500 and "sub" in missing.json()["message"] and "Field required" in missing.json()["message"]
+    finally:
+        stop(server)
+
+
+def test_superglue_prompt_answers_its_labels_through_the_verbalizer(tmp_path, monkeypatch):
+    prompt_dir = superglue_prompt(tmp_path / "rte")
+    answers = PromptPredictor(prompt_dir).predict(PAIRS, top_k=2)
+    scores = independent_scores(prompt_dir, PAIRS, ["Yes", "No"])
+    labels = ["entailment", "not_entailment"]
+    assert [a["prediction"] for a in answers] == [labels[i] for i in scores.argmax(-1).tolist()]
+    assert all(sorted(a["top_k"]) == labels and abs(sum(a["top_k_scores"]) - 1) < 1e-5 for a in answers)
+    # registered and loaded back as MLflow loads it, pickle refused
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "superglue")
+    with tracker.trial_run("final", {}):
+        version = tracker.register_prompt(prompt_dir, None, {"dev.score": 0.5, "val.score": 0.5}, report_key="val.score")
+    assert version.name == "ptuning-superglue-rte-fewshot-tiny-gpt2"
+    loaded = mlflow.pyfunc.load_model(f"models:/{version.name}@{CHAMPION}")
+    assert [dict(a) for a in loaded.predict(PAIRS, params={"top_k": 2})] == answers
+    assert "labels entailment ('Yes'), not_entailment ('No')" in version.description
+
+
+def test_a_jointly_tuned_prompt_is_served_with_its_own_lm_weights(tmp_path):
+    tuned = load_lm("tiny-gpt2")
+    with torch.no_grad():  # "training" moved the LM away from the catalogue's weights
+        torch.manual_seed(1)
+        for parameter in tuned.model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    prompt_dir = superglue_prompt(tmp_path / "joint", lm_trained=True)
+    with pytest.raises(NotServable, match="export_lm"):
+        check_servable(prompt_dir)
+    export_lm(tuned.model, tuned.tokenizer, prompt_dir)
+    assert (prompt_dir / "lm" / "model.safetensors").is_file()
+    answers = PromptPredictor(prompt_dir).predict(PAIRS)
+    with_tuned = independent_scores(prompt_dir, PAIRS, ["Yes", "No"], lm=tuned).softmax(-1)
+    with_base = independent_scores(prompt_dir, PAIRS, ["Yes", "No"]).softmax(-1)
+    assert not torch.allclose(with_tuned, with_base, atol=1e-3)  # the weights matter, so the check below can fail
+    assert [a["top_k_scores"][0] for a in answers] == pytest.approx(with_tuned.max(-1).values.tolist(), abs=1e-5)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "joint")
+    with tracker.trial_run("final", {}):
+        version = tracker.register_prompt(prompt_dir, None, {"dev.score": 0.5})
+    import mlflow
+
+    stored = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(tmp_path / "dl")))
+    assert (stored / "artifacts" / "prompt" / "lm" / "model.safetensors").is_file()
+    assert not list(stored.rglob("*.pkl")) and (stored / "prompt_model.py").is_file()
+
+
+@pytest.mark.parametrize("kind, reason", [("choice_scoring", "COPA answers by scoring its choices"),
+                                          ("span_generation", "WSC answers by generating the referent span"),
+                                          ("ranking", "answers only the task kinds classification")])
+def test_kinds_that_do_not_answer_one_label_are_refused_with_a_reason(tmp_path, kind, reason):
+    with pytest.raises(NotServable, match=reason):
+        check_servable(superglue_prompt(tmp_path / kind, kind=kind))
+
+
+def test_predict_answers_from_a_local_prompt_directory_and_names_a_missing_field(tmp_path):
+    prompt_dir = lama_prompt(tmp_path / "prompt", seed=3)
+    facts = [{"sub": p} for p in PEOPLE[:3]]
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
+    cli = [sys.executable, "-m", "components.cli", "predict", "--model", str(prompt_dir)]
+    done = subprocess.run(cli + ["--input", str(tmp_path / "facts.jsonl"), "--output", str(tmp_path / "answers.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    expected = [CITIES[i] for i in independent_scores(prompt_dir, facts, CITIES).argmax(-1).tolist()]
+    assert [a["prediction"] for a in answers] == expected and [a["input"] for a in answers] == facts
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"sub": "A"}) + "\n" + json.dumps({"subject": "B"}) + "\n")
+    bad = subprocess.run(cli + ["--input", str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("bad.jsonl:2: missing field(s) sub")
+    assert "Traceback" not in bad.stderr and bad.stdout == ""

@@ -1,0 +1,88 @@
+"""The shared-batch trainer (components/benchmarks/lama/shared.py) against one-relation training on real facts."""
+import shutil
+
+import pytest
+import torch
+
+from components.benchmarks.lama.run import run_relation
+from components.benchmarks.lama.shared import Job, load_relations, train_shared
+from components.method.model import load_prompt
+from components.models.catalog import load_lm
+from components.run_config import resolve
+
+
+@pytest.fixture(scope="module")
+def small_lama(lama_data_dir, tmp_path_factory):
+    """data/lama with two relations cut short: P36 16 training facts (2 steps an epoch), P1376 40 (5)."""
+    out = tmp_path_factory.mktemp("small_lama")
+    shutil.copy(lama_data_dir / "relations.jsonl", out)
+    for relation, n_train in (("P36", 16), ("P1376", 40)):
+        target = out / "29k" / relation
+        target.mkdir(parents=True)
+        for split, n in (("train", n_train), ("dev", 12), ("test", 20)):
+            lines = (lama_data_dir / "29k" / relation / f"{split}.jsonl").read_text().splitlines()[:n]
+            (target / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.copy(lama_data_dir / "29k" / "vocab.json", out / "29k")
+    return out
+
+
+def _config(data_dir, task, **train):
+    return resolve("lama", {"task": task, "model": "tiny-gpt2", "method": "ptuning", "data_dir": str(data_dir),
+                            "train.lr": 1e-3, **{f"train.{k}": v for k, v in train.items()}})
+
+
+def _vectors(result, dim):
+    from components.method.model import PromptEncoder
+
+    encoder = PromptEncoder(6, dim, "lstm")
+    encoder.load_state_dict(result.encoder_state)
+    return encoder().detach()
+
+
+def test_one_relation_trains_as_run_relation_does(small_lama, tmp_path):
+    # eval only at the last step: the best state is the trained one, so the vectors compare 6 steps of training
+    config = _config(small_lama, "P1376", max_steps=6, eval_every=6)
+    lm = load_lm("tiny-gpt2")
+    alone = run_relation(config.tasks[0], lm, config.params, tmp_path)
+    data, candidates = load_relations(["P1376"], lm, config.params)
+    [shared], timing = train_shared(lm, [Job("P1376", data[0], config.tasks[0].train)], candidates, pool=1,
+                                    show_progress=False)
+    expected = load_prompt(tmp_path / "prompt")[0]()
+    assert torch.allclose(_vectors(shared, expected.shape[1]), expected, atol=1e-6)
+    assert (shared.test_p1, shared.dev_p1, shared.steps) == (alone.test_p1, alone.dev_p1, alone.steps)
+    assert [h["step"] for h in shared.history] == [h["step"] for h in alone.history] == [6]
+    assert timing["train_examples"] == 6 * 8 and timing["shared_steps"] == 6
+
+
+def test_relations_stop_independently_and_leave_the_batch(small_lama):
+    config = _config(small_lama, "P36,P1376", epochs=1, eval_every=None)  # one epoch each: 2 and 5 steps
+    lm = load_lm("tiny-gpt2")
+    data, candidates = load_relations(["P36", "P1376"], lm, config.params)
+    train = config.tasks[0].train
+    finished, progress = [], []
+    results, timing = train_shared(lm, [Job(d.relation, d, train) for d in data], candidates, pool=2,
+                                   on_job_end=lambda r: finished.append((r.key, r.steps)),
+                                   on_progress=progress.append, show_progress=False)
+    assert finished == [("P36", 2), ("P1376", 5)]
+    # 2 shared steps of 8 + 8 rows, then P1376 alone: 3 steps of 8
+    assert timing["shared_steps"] == 5 and timing["train_examples"] == 2 * 16 + 3 * 8
+    assert (progress[1]["done"], progress[1]["remaining"]) == (1, 1) and progress[-1]["remaining"] == 0
+    # training beside P36 for 2 steps left P1376's prompt as training it alone does
+    [alone], _ = train_shared(lm, [Job("P1376", data[1], train)], candidates, pool=1, show_progress=False)
+    together = next(r for r in results if r.relation == "P1376")
+    dim = lm.model.get_input_embeddings().embedding_dim
+    assert torch.allclose(_vectors(together, dim), _vectors(alone, dim), atol=1e-6)
+    assert together.history == alone.history
+
+
+def test_a_full_queue_waits_for_a_free_place_in_the_pool(small_lama):
+    config = _config(small_lama, "P36", max_steps=2, eval_every=1, patience=None)
+    lm = load_lm("tiny-gpt2")
+    data, candidates = load_relations(["P36"], lm, config.params)
+    jobs = [Job(f"P36-{i}", data[0], config.tasks[0].train) for i in range(3)]
+    results, timing = train_shared(lm, jobs, candidates, pool=2, show_progress=False)
+    assert [r.key for r in results] == ["P36-0", "P36-1", "P36-2"]
+    assert timing["shared_steps"] == 4  # two jobs together for 2 steps, then the third alone
+    # same facts, same seed: the same prompt, whether trained beside another job or alone
+    dim = lm.model.get_input_embeddings().embedding_dim
+    assert torch.allclose(_vectors(results[0], dim), _vectors(results[2], dim), atol=1e-6)
