@@ -4,6 +4,7 @@
     ptuning models prepare NAME            fetch/convert a catalogue model into the local cache
     ptuning train lama|superglue ...       train and evaluate one configuration, print its metrics as JSON
     ptuning report lama --model M ...      run a benchmark's result table and write reports/<benchmark>/<model>/
+    ptuning predict --model URI|DIR --input F.jsonl   answer inputs with a registered prompt, one JSON line each
 
 Exit codes: 0 done, 2 bad input (a one-line message, nothing written), 3 the output directory is busy,
 4 the disk is full.
@@ -139,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
         b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any parameter of params/<benchmark>.yaml, e.g. train.batch_size=16 (values are YAML)")
         b.add_argument("--output-dir", help="default: outputs/<benchmark>/<task>/<model>/<method>")
-        b.add_argument("--restart", action="store_true", help="discard a run of other settings in --output-dir")
+        b.add_argument("--restart", action="store_true", help="discard whatever --output-dir holds and start fresh")
         b.add_argument("--log-every", type=int, default=10)
         b.set_defaults(run=_train)
 
@@ -170,6 +171,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from components.run_dir import RunDirBusy
+    from components.training import DiskFull
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     args = parser().parse_args(argv)
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirBusy as error:
         print(f"ptuning: error: {error}", file=sys.stderr)
         return 3
+    except DiskFull as error:  # nothing half-written is left; the previous checkpoint is intact
+        print(f"ptuning: error: {error}", file=sys.stderr)
+        return 4
     print(json.dumps(result, default=str))  # the last line: machine-readable figures
     return 0
 

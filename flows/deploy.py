@@ -1,4 +1,4 @@
-"""Register the deployments `ptuning/lama` and `ptuning/superglue` with a work pool, for workers (on this or
+"""Register the deployments `ptuning/lama`, `ptuning/superglue` and `ptuning-report/lama` with a work pool, for workers (on this or
 other machines) to run: the alternative to `python -m flows.serve`, which needs neither pool nor worker.
 
     export PREFECT_API_URL=http://<prefect-server>:4200/api       # the Prefect server everyone shares
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for deployment in deployments(args.only, work_pool_name=args.pool, work_queue_name=args.queue,
                                   job_variables={"env": env}):
         deployment_id = deployment.apply()
-        print(f"registered ptuning/{deployment.name} ({deployment_id}) on work pool {args.pool!r}")
+        print(f"registered {deployment.flow_name}/{deployment.name} ({deployment_id}) on work pool {args.pool!r}")
     print(f"\nstart a worker on every machine that trains:  prefect worker start --pool {args.pool}")
     return 0
 

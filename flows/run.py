@@ -66,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = ptuning(**arguments)
     print(json.dumps(result, indent=2, default=str))
+    from mlflow import MlflowClient
+
+    from components.mlops.tracking import experiment_url
+
     uri = result["tracking_uri"]
+    experiment = MlflowClient(uri).get_experiment_by_name(result["experiment"])
+    server = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     print("\nDone. To browse the results:", file=sys.stderr)
-    if uri.startswith(("http://", "https://")):
-        print(f"  MLflow UI:  {uri}", file=sys.stderr)
-    else:
-        print(f"  MLflow UI:  mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000", file=sys.stderr)
+    if not uri.startswith(("http://", "https://")):
+        print(f"  MLflow UI:  mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+    print(f"  MLflow runs: {experiment_url(server, experiment.experiment_id)}", file=sys.stderr)
     if os.environ.get("PREFECT_API_URL"):
         print(f"  Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}", file=sys.stderr)
     else:

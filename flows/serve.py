@@ -1,13 +1,14 @@
-"""Serve the deployments `ptuning/lama` and `ptuning/superglue` from this process.
+"""Serve the deployments `ptuning/lama`, `ptuning/superglue` and `ptuning-report/lama` from this process.
 
     python -m flows.serve [--limit N] [--only lama|superglue]
 
-The process registers both deployments with the Prefect API (PREFECT_API_URL; without it, a Prefect server
+The process registers the deployments with the Prefect API (PREFECT_API_URL; without it, a Prefect server
 this process starts on its own for as long as it runs) and executes their flow runs as subprocesses of itself,
 until it is stopped (Ctrl-C). Then, from any shell that points at the same API:
 
-    prefect deployment run ptuning/lama -p tasks='["P19"]' -p n_trials=2 --watch
+    prefect deployment run ptuning/lama -p tasks='["P19"]' -p overrides='{"search.n_trials": 2}' --watch
     prefect deployment run ptuning/superglue -p tasks='["rte"]' -p seeds='[42, 43]' --watch
+    prefect deployment run ptuning-report/lama -p model=smollm2-135m --watch      # the LAMA table (resumes)
 
 Every parameter of the flow (flows/pipeline.py `ptuning`) can be given with -p; those not given come from
 params/flow.yaml when the run starts. Serving needs no work pool or worker; for workers on other machines see
@@ -25,7 +26,7 @@ import sys
 import importlib
 
 from components.benchmarks import REGISTRY
-from flows.pipeline import ptuning
+from flows.pipeline import ptuning, report
 
 
 def description(benchmark: str) -> str:
@@ -34,15 +35,22 @@ def description(benchmark: str) -> str:
     return f"{summary} Defaults: params/flow.yaml `{benchmark}:`."
 
 
+REPORTS = ("lama",)  # the benchmarks that have a result table (`ptuning report`)
+
+
 def deployments(only: list[str] | None = None, **kwargs) -> list:
-    """The RunnerDeployments `ptuning/<benchmark>`. The entry point is the module path `flows.pipeline.ptuning`:
-    a run starts wherever this project is installed (no copy of the code travels). `kwargs` go to
-    `to_deployment` (flows.deploy passes the work pool and the job's environment)."""
+    """The RunnerDeployments `ptuning/<benchmark>` and `ptuning-report/<benchmark>`. The entry points are module
+    paths (`flows.pipeline.ptuning`): a run starts wherever this project is installed (no copy of the code
+    travels). `kwargs` go to `to_deployment` (flows.deploy passes the work pool and the job's environment)."""
     from prefect.types.entrypoint import EntrypointType
 
-    return [ptuning.to_deployment(name=benchmark, parameters={"benchmark": benchmark}, description=description(benchmark),
-                                  tags=["ptuning", benchmark], entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
-            for benchmark in (only or REGISTRY)]
+    chosen = only or list(REGISTRY)
+    common = dict(entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
+    return ([ptuning.to_deployment(name=benchmark, parameters={"benchmark": benchmark}, description=description(benchmark),
+                                   tags=["ptuning", benchmark], **common) for benchmark in chosen]
+            + [report.to_deployment(name=benchmark, parameters={"benchmark": benchmark}, tags=["ptuning", "report", benchmark],
+                                    description=f"The {benchmark} result table on one model (params/report.yaml).", **common)
+               for benchmark in chosen if benchmark in REPORTS])
 
 
 LOCAL_API = "http://127.0.0.1:4200/api"

@@ -110,26 +110,25 @@ def start_prefect(root: Path) -> Server:
     return Server(api, root, log, process, {**env, "PREFECT_API_URL": api})
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """One MLflow server for the session (tests use names of their own): a Server, up."""
-    server = start_mlflow(tmp_path_factory.mktemp("mlflow-server"))
+def running(server: Server):
+    """Yield `server` once its /health answers; stop it afterwards."""
     try:
         wait_http(f"{server.uri}/health", server.process, server.log)
         yield server
     finally:
         stop(server.process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One MLflow server for the session (tests use names of their own): a Server, up."""
+    yield from running(start_mlflow(tmp_path_factory.mktemp("mlflow-server")))
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """One Prefect server for the session: a Server whose `env` points clients at it."""
-    server = start_prefect(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        wait_http(f"{server.uri}/health", server.process, server.log)
-        yield server
-    finally:
-        stop(server.process)
+    yield from running(start_prefect(tmp_path_factory.mktemp("prefect-server")))
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """A seeded CPU run is reproducible to the last digit with two threads (issue 9: the same command gave test
 P@1 0.1642 and 0.1614). The cause was the backward of the prompt-vector gather (`index_put_` with
-accumulation, run by two threads in a racy order); components.training.seed_everything now turns on
-torch's deterministic algorithms. The killed-and-resumed run is in tests/test_resume.py (same settings)."""
+accumulation, run by two threads in a racy order): PromptedLM now looks the vectors up with an embedding, and
+components.training.seed_everything turns on torch's deterministic algorithms besides. The killed-and-resumed run is in tests/test_resume.py (same settings)."""
 import json
 
 import torch

@@ -14,10 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services import start, stop, wait_http
+from services import REPO, start, stop, wait_http
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +27,8 @@ def stack(prefect_server, mlflow_server, tmp_path_factory, shared_dir):
            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # the served runner picks a new flow run up within a second
     serve = start([sys.executable, "-m", "flows.serve"], env, tmp / "serve.log")
     try:
-        for name in ("lama", "superglue"):
-            wait_http(f"{prefect_server.uri}/deployments/name/ptuning/{name}", serve, tmp / "serve.log")
+        for name in ("ptuning/lama", "ptuning/superglue", "ptuning-report/lama"):
+            wait_http(f"{prefect_server.uri}/deployments/name/{name}", serve, tmp / "serve.log")
         yield {"tmp": tmp, "env": env, "api": prefect_server.uri, "mlflow": mlflow_server.uri}
     finally:
         stop(serve)
@@ -38,9 +37,9 @@ def stack(prefect_server, mlflow_server, tmp_path_factory, shared_dir):
             print(log.read_text()[-6000:])
 
 
-def start_deployment(stack: dict, name: str, params: dict, timeout: int = 300) -> dict:
-    """Start `prefect deployment run ptuning/NAME -p k=v ... --watch` (it returns when the flow run ends)."""
-    args = [str(BIN / "prefect"), "deployment", "run", f"ptuning/{name}", "--watch", "--watch-timeout", str(timeout)]
+def start_deployment(stack: dict, name: str, params: dict, timeout: int = 300, flow: str = "ptuning") -> dict:
+    """Start `prefect deployment run FLOW/NAME -p k=v ... --watch` (it returns when the flow run ends)."""
+    args = [str(BIN / "prefect"), "deployment", "run", f"{flow}/{name}", "--watch", "--watch-timeout", str(timeout)]
     for key, value in params.items():
         args += ["-p", f"{key}={json.dumps(value)}"]
     log = stack["tmp"] / f"run-{name}-{time.time():.0f}.log"
@@ -161,6 +160,26 @@ def test_lama_deployment_end_to_end_and_rerun_reuses(stack, first_runs):
     assert len(client.search_runs([client.get_experiment_by_name("e2e-lama").experiment_id], max_results=200)) == n_runs
     assert client.get_model_version_by_alias(name, "champion").version == version.version
     assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+
+def test_report_deployment_writes_the_table_and_logs_it(stack, first_runs):
+    """`prefect deployment run ptuning-report/lama`: the table's files, and an MLflow run holding them."""
+    from mlflow import MlflowClient
+
+    out = stack["tmp"] / "report"
+    handle = start_deployment(stack, "lama", {
+        "model": "tiny-gpt2", "relations": ["P1376"], "methods": ["manual", "ptuning"], "seeds": [34],
+        "output_dir": str(out), "overrides": {"train.max_steps": 2, "train.eval_every": 2,
+                                              "tracking.uri": stack["mlflow"], "tracking.experiment": "e2e-report"}},
+        flow="ptuning-report")
+    finish_deployment(stack, handle)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"manual", "ptuning"} and "P1376" in results["methods"]["ptuning"]["relations"]
+    assert (out / "REPORT.md").read_text().startswith("#") and (out / "relations.png").exists()
+    client = MlflowClient(stack["mlflow"])
+    [run] = client.search_runs([client.get_experiment_by_name("e2e-report").experiment_id])
+    assert "ptuning.macro_test_p1" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/REPORT.md", "report/results.json"}
 
 
 def test_a_bad_task_fails_before_dvc_optuna_or_mlflow(stack, first_runs):

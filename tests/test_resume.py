@@ -16,15 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from services import REPO
+
 CITIES = ("Paris London Berlin Rome Madrid Tokyo Vienna Moscow Prague Dublin Athens Lisbon Warsaw Cairo Delhi "
           "Chicago Boston Toronto Sydney Oslo").split()
 PTUNING = str(Path(sys.executable).parent / "ptuning")
-# Two threads, as the default on a 2-core machine: the setting in which runs used to differ (issue 9).
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+# Two threads, as the default on a 2-core machine: the setting in which runs used to differ (issue 9). The
+# commands run in temporary folders: PTUNING_ROOT names the checkout whose params/ they read.
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PTUNING_ROOT": str(REPO)}
 STEPS, EVAL_EVERY = 40, 3
-# 40 + subject + 40 prompt tokens x batch 24 x tiny-gpt2's 32 dimensions: the prompt's gradient scatter has more
-# elements than torch's parallel grain (32768), so its two threads really do run, as with a real LM.
-PROMPT_SHAPE, BATCH = "[40,40]", 24
+# (24 + subject + 24 prompt tokens + answer) x batch 32 x tiny-gpt2's 32 dimensions: the prompt's gradient scatter
+# has more elements than torch's parallel grain (32768), so its two threads really do run, as with a real LM.
+PROMPT_SHAPE, BATCH = "[24,24]", 32
 
 
 def make_lama(root: Path, relations: tuple[str, ...] = ("P19",), n_train: int = 96) -> Path:

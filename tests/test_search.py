@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import optuna
 import pytest
@@ -19,7 +18,6 @@ from components.mlops.search import (PAPER_GRID, SKIPPED, PruningCallback, Stora
 from components.config import load_params
 from components.training import TrainConfig, fit
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 
 
 # --- a tiny real task: fit a linear regression; dev score = -MSE ---------------------------------
@@ -45,26 +43,6 @@ def tiny_train(point: dict, callbacks: list, steps: int = 12, eval_every: int = 
     result = fit(model, items, [1] * len(items), collate, loss_fn, evaluate, config, select=("dev.neg_mse",),
                  callbacks=callbacks)
     return {"dev": {"score": result.best_metrics["dev.neg_mse"]}, "steps": result.steps}
-
-
-@pytest.fixture
-def pg_database():
-    """A fresh database on the local PostgreSQL (trust auth), dropped afterwards: its URL. tests/test_stores.py
-    imports this fixture."""
-    import psycopg
-
-    name = f"ptuning_test_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3,
-                                autocommit=True)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{PG}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_default_space_is_the_papers_grid(repo_dir):

@@ -11,7 +11,6 @@ import optuna
 
 from components.mlops.search import open_study, run_search, summary
 from components.mlops.stores import check_database
-from test_search import pg_database  # noqa: F401  (a fixture)
 
 
 def test_mlflow_logs_and_reads_back_a_run_in_postgresql(pg_database, tmp_path):

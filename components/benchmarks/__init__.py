@@ -44,6 +44,19 @@ class Benchmark(Protocol):
         """Train and evaluate; write `<output_dir>/metrics.json` and return it."""
 
 
+class ChoiceOption:
+    """A row's one extra CLI option: `--<option>` with fixed choices, setting the parameter of that name."""
+    option: str
+    choices: tuple[str, ...]
+
+    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(f"--{self.option}", choices=self.choices, help=f"{self.name} {self.option} (params: {self.option})")
+
+    def cli_overrides(self, args: argparse.Namespace) -> dict:
+        value = getattr(args, self.option, None)
+        return {self.option: value} if value else {}
+
+
 # name -> the module whose BENCHMARK is the row (imported on use: torch and transformers are not free)
 REGISTRY = {"lama": "components.benchmarks.lama", "superglue": "components.benchmarks.superglue"}
 

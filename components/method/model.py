@@ -95,7 +95,9 @@ class PromptedLM(nn.Module):
             return embeds
         vectors = self.prompt().to(embeds.dtype)
         is_prompt = (prompt_index >= 0).unsqueeze(-1)
-        return torch.where(is_prompt, vectors[prompt_index.clamp(min=0)], embeds)
+        # an embedding lookup, not `vectors[index]`: that one's backward (index_put with accumulate) adds in a
+        # thread-dependent order on a CPU, and the same seed gave other figures
+        return torch.where(is_prompt, nn.functional.embedding(prompt_index.clamp(min=0), vectors), embeds)
 
     def forward(self, input_ids, prompt_index, attention_mask, read_positions, candidate_ids=None, **_):
         """Logits [B, T, V] (or [B, T, C] over `candidate_ids`) at each row's T read positions.

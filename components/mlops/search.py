@@ -352,7 +352,7 @@ def run_search(
     trial's user attributes. run_trial must let optuna.TrialPruned through; exceptions other than `catch`
     fail the trial and stop this worker (without waiting).
 
-    Waiting polls every `poll` seconds (default: the storage's heartbeat interval, else 5). A trial whose
+    Waiting polls every `poll` seconds (default: 5, or the heartbeat interval when shorter). A trial whose
     worker died is failed once its heartbeat is stale and, on the grid, re-queued: a waiting worker with
     trials left in its budget takes it over. Without heartbeats (heartbeat=None) a dead worker's trial is
     indistinguishable from a slow one, and is waited for until someone fails it."""
@@ -413,7 +413,7 @@ def run_search(
             log.info("study %s: waiting for trial(s) %s of other workers%s", study.study_name, running,
                      "" if heartbeat else " (heartbeats are off: a dead worker's trial is waited for until failed)")
             waited_for = running
-        time.sleep(poll or float(heartbeat or 5))
+        time.sleep(poll or float(min(heartbeat or 5, 5)))
     log.info("study %s: no trial left to run or running", study.study_name)
     return study
 

@@ -30,6 +30,8 @@ from transformers import (AddedToken, AutoConfig, AutoModelForCausalLM, AutoMode
                           PreTrainedTokenizerBase, RobertaTokenizer)
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
+from components.common import stable_hash
+
 
 @dataclass(frozen=True)
 class GGUFWheel:
@@ -199,7 +201,7 @@ def _prepared_tokenizer(tokenizer: PreTrainedTokenizerBase, causal: bool, name: 
 
 def _fingerprint(entry) -> str:
     # Part of the cache directory's name: changing an entry can never silently reuse a stale cache.
-    return hashlib.sha256(json.dumps(asdict(entry), sort_keys=True).encode()).hexdigest()[:8]
+    return stable_hash(asdict(entry), 8)
 
 
 def _materialise(entry: GGUFWheel | RandomInit, target: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from components.benchmarks import TaskPlan
 from components.benchmarks.lama import shared
-from components.benchmarks.lama.run import RELATIONS, relations_of, run_relation
+from components.benchmarks.lama.run import relations_of, run_relation
 from components.common import remove_checkpoints, safe_name, stable_hash
 from components.reports.figures import curves, grouped_bars
 from components.reports.store import UnitStore, mean_std, write_atomic

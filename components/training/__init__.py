@@ -1,5 +1,9 @@
-"""Training: the loop (`fit`), its settings (`TrainConfig`) and the callbacks that watch it."""
+"""Training: the loop (`fit`), its settings (`TrainConfig`), the callbacks that watch it, and writes that
+survive a full disk."""
 from components.training.callbacks import Callback, LogProgress
-from components.training.loop import TrainConfig, TrainResult, fit, make_optimizer, seed_everything
+from components.training.loop import (TrainConfig, TrainResult, fit, improved, length_batches, make_accelerator,
+                                      make_optimizer, make_schedule, seed_everything)
+from components.training.storage import DiskFull, atomic_write
 
-__all__ = ["Callback", "LogProgress", "TrainConfig", "TrainResult", "fit", "make_optimizer", "seed_everything"]
+__all__ = ["Callback", "DiskFull", "LogProgress", "TrainConfig", "TrainResult", "atomic_write", "fit", "improved",
+           "length_batches", "make_accelerator", "make_optimizer", "make_schedule", "seed_everything"]

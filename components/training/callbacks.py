@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from components.training.loop import TrainResult
 
 log = logging.getLogger(__name__)
 

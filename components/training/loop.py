@@ -174,7 +174,7 @@ def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _schedule(optimizer, config: TrainConfig, total_steps: int, steps_per_epoch: int):
+def make_schedule(optimizer, config: TrainConfig, total_steps: int, steps_per_epoch: int):
     def factor(step: int) -> float:
         if config.schedule == "linear":
             if step < config.warmup_steps:
@@ -217,7 +217,7 @@ def fit(
     steps_per_epoch = math.ceil(len(train_items) / config.batch_size)
     epochs = config.epochs or math.ceil(config.max_steps / steps_per_epoch)
     total_steps = min(config.max_steps or math.inf, epochs * steps_per_epoch)
-    scheduler = _schedule(optimizer, config, total_steps, steps_per_epoch)
+    scheduler = make_schedule(optimizer, config, total_steps, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
 

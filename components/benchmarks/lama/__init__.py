@@ -1,24 +1,19 @@
 """LAMA knowledge probing (paper Table 2): the benchmark's registry row."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from components.benchmarks import ChoiceOption
 from components.benchmarks.lama import run as probe
 from components.benchmarks.lama.run import VOCABS
 
 
-class Lama:
+class Lama(ChoiceOption):
     name = "lama"
     prepare_stage = "prepare_lama"
     selection_key = "dev.score"  # mean dev P@1 over the relations
     report_key = "test.p1"       # mean test P@1 over the relations (macro)
-
-    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--vocab", choices=VOCABS, help="LAMA answer vocabulary")
-
-    def cli_overrides(self, args: argparse.Namespace) -> dict:
-        return {"vocab": args.vocab} if getattr(args, "vocab", None) else {}
+    option, choices = "vocab", VOCABS  # --vocab 29k|34k: the answer vocabulary
 
     def plan(self, params: dict):
         return probe.plan(params)

@@ -20,8 +20,8 @@ from torch import nn
 from components.benchmarks import TaskPlan
 from components.data.sources import DataError, read_jsonl
 from components.method.model import ENCODERS, PromptedLM, PromptEncoder, export_prompt
-from components.method.templates import Encoded, collate, encode, lama_template, pad_id, parse_template, piece_ids
-from components.training import Callback, TrainConfig, fit, seed_everything
+from components.method.templates import Encoded, Template, collate, encode, lama_template, pad_id, parse_template, piece_ids
+from components.training import Callback, TrainConfig, atomic_write, fit, seed_everything
 
 log = logging.getLogger(__name__)
 METHODS = ("manual", "ptuning", "finetune", "manual-finetune")
@@ -137,31 +137,58 @@ def precision_at_1(model: nn.Module, facts: list[Fact], candidate_ids: torch.Ten
     return hits / len(facts)
 
 
-def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: list[Callback] = ()) -> RelationResult:
-    """Train (unless `manual`) and evaluate one relation; export the prompt when there is one."""
-    relation, config = task.task, task.train
-    data_dir, method = Path(params["data_dir"]), params["method"]
+@dataclass
+class Candidates:
+    """The benchmark words that are one token of the model, and their ids: what P@1 ranks."""
+    words: list[str]
+    ids: torch.Tensor
+
+    @classmethod
+    def load(cls, params: dict, tokenizer) -> "Candidates":
+        vocab_words = json.loads((Path(params["data_dir"]) / params["vocab"] / "vocab.json").read_text())
+        words, ids = candidate_vocabulary(vocab_words, tokenizer)
+        return cls(words, torch.tensor(ids))
+
+
+@dataclass
+class RelationData:
+    relation: str
+    template: Template
+    splits: dict[str, list[Fact]]  # train / dev / test facts whose answer is one token of the model
+    dropped: dict[str, int]        # facts per split whose answer is not
+
+
+def load_relation(relation: str, lm, params: dict, candidates: Candidates, method: str | None = None) -> RelationData:
+    """One relation's facts encoded with `method`'s template (default: params' method)."""
+    data_dir, method = Path(params["data_dir"]), method or params["method"]
     split_dir = data_dir / params["vocab"] / relation
     if not split_dir.is_dir():
-        raise DataError(f"unknown relation {relation!r}: no {split_dir} (known: {', '.join(relation_ids(data_dir, params['vocab']))})")
+        raise DataError(f"no prepared facts for {relation} in {split_dir.parent}: run `dvc repro prepare_lama`")
     template = parse_template(template_for(method, relation, lm.causal, params, data_dir), fields=("sub",))
-    vocab_words = json.loads((data_dir / params["vocab"] / "vocab.json").read_text())
-    words, ids = candidate_vocabulary(vocab_words, lm.tokenizer)
-    index = {w: i for i, w in enumerate(words)}
-    candidate_ids = torch.tensor(ids)
-
-    dropped = {}
-    splits = {}
+    index = {w: i for i, w in enumerate(candidates.words)}
+    splits, dropped = {}, {}
     for split in ("train", "dev", "test"):
         path = split_dir / f"{split}.jsonl"
         rows = read_jsonl(path, required=("sub_label", "obj_label")) if path.exists() else []
-        facts = [Fact(encode(template, lm.tokenizer, {"sub": r["sub_label"]}, lm.causal,
-                             target_ids=[ids[index[r["obj_label"]]]], max_length=params["max_length"], truncate="sub"),
-                      index[r["obj_label"]]) for r in rows if r["obj_label"] in index]
-        dropped[split] = len(rows) - len(facts)
-        splits[split] = facts
+        splits[split] = [Fact(encode(template, lm.tokenizer, {"sub": r["sub_label"]}, lm.causal,
+                                     target_ids=[int(candidates.ids[index[r["obj_label"]]])],
+                                     max_length=params["max_length"], truncate="sub"), index[r["obj_label"]])
+                         for r in rows if r["obj_label"] in index]
+        dropped[split] = len(rows) - len(splits[split])
     if not splits["test"]:
         raise DataError(f"relation {relation}: no test facts with a single-token answer for {params['model']}")
+    if method in TRAINED and (not splits["train"] or not splits["dev"]):
+        raise DataError(f"relation {relation}: training needs train and dev facts, found "
+                        f"{len(splits['train'])} / {len(splits['dev'])}")
+    return RelationData(relation, template, splits, dropped)
+
+
+def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: list[Callback] = ()) -> RelationResult:
+    """Train (unless `manual`) and evaluate one relation; export the prompt when there is one."""
+    relation, config, method = task.task, task.train, params["method"]
+    candidates = Candidates.load(params, lm.tokenizer)
+    data = load_relation(relation, lm, params, candidates)
+    template, splits, candidate_ids = data.template, data.splits, candidates.ids
 
     seed_everything(config.seed if config else params["train"]["seed"])
     prompt = (PromptEncoder(template.n_prompt_tokens, lm.model.get_input_embeddings().embedding_dim, params["encoder"])
@@ -171,9 +198,7 @@ def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: 
     evaluate = lambda m: {"dev.p1": precision_at_1(m, splits["dev"], candidate_ids, pad, eval_bs)}
 
     steps, history = 0, []
-    if method != "manual":
-        if not splits["train"] or not splits["dev"]:
-            raise DataError(f"relation {relation}: training needs train and dev facts, found {len(splits['train'])} / {len(splits['dev'])}")
+    if config is not None:
         items = [{"encoded": f.encoded, "label": f.label} for f in splits["train"]]
 
         def batch_of(chunk):
@@ -190,9 +215,10 @@ def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: 
         export_prompt(prompt, prompt_dir, template.text, params["model"],
                       {"benchmark": "lama", "task": relation, "vocab": params["vocab"], "causal": lm.causal})
         # the answers a served prompt may give: the benchmark vocabulary, as P@1 reads it
-        (prompt_dir / "vocab.json").write_text(json.dumps(vocab_words))
+        (prompt_dir / "vocab.json").write_text((Path(params["data_dir"]) / params["vocab"] / "vocab.json").read_text())
     log.info("%s %s: test P@1 %.4f (dev %s) after %d steps", relation, method, test_p1, dev_p1, steps)
-    return RelationResult(relation, test_p1, dev_p1, len(splits["train"]), len(splits["test"]), dropped, steps, prompt_dir, history)
+    return RelationResult(relation, test_p1, dev_p1, len(splits["train"]), len(splits["test"]), data.dropped, steps,
+                          prompt_dir, history)
 
 
 def run(config, output_dir: str | Path, callbacks: list[Callback] = ()) -> dict:
@@ -229,6 +255,6 @@ def run(config, output_dir: str | Path, callbacks: list[Callback] = ()) -> dict:
                   for r in results},
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (output_dir / "history.json").write_text(json.dumps({r.relation: r.history for r in results}, indent=2))
+    atomic_write(output_dir / "history.json", json.dumps({r.relation: r.history for r in results}, indent=2))
+    atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2))  # all or nothing, even on a full disk
     return metrics

@@ -14,58 +14,25 @@ Why: on a CPU the frozen LM's forward+backward costs 63 ms per example at batch 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from components.benchmarks.lama.run import Fact, candidate_vocabulary, precision_at_1, template_for
-from components.data.sources import DataError, read_jsonl
+from components.benchmarks.lama.run import Candidates, Fact, RelationData, load_relation, precision_at_1
 from components.method.model import PromptEncoder, PromptedLM
-from components.method.templates import Template, collate, encode, pad_id, parse_template
-from components.training import TrainConfig, make_optimizer, seed_everything
-from components.training.loop import _schedule, improved, length_batches, make_accelerator
-
-
-@dataclass
-class RelationData:
-    relation: str
-    template: Template
-    splits: dict[str, list[Fact]]  # train / dev / test facts whose answer is one token of the model
-    dropped: dict[str, int]        # facts per split whose answer is not
+from components.method.templates import collate, pad_id
+from components.training import (TrainConfig, improved, length_batches, make_accelerator, make_optimizer,
+                                 make_schedule, seed_everything)
 
 
 def load_relations(relations: list[str], lm, params: dict, method: str = "ptuning") -> tuple[list[RelationData], torch.Tensor]:
     """Every relation's facts encoded for `method`'s template, and the candidate ids (one vocabulary for all)."""
-    data_dir = Path(params["data_dir"])
-    vocab_words = json.loads((data_dir / params["vocab"] / "vocab.json").read_text())
-    words, ids = candidate_vocabulary(vocab_words, lm.tokenizer)
-    index = {w: i for i, w in enumerate(words)}
-    loaded = []
-    for relation in relations:
-        split_dir = data_dir / params["vocab"] / relation
-        if not split_dir.is_dir():
-            raise DataError(f"no prepared facts for {relation} in {split_dir.parent}: run `dvc repro prepare_lama`")
-        template = parse_template(template_for(method, relation, lm.causal, params, data_dir), fields=("sub",))
-        splits, dropped = {}, {}
-        for split in ("train", "dev", "test"):
-            path = split_dir / f"{split}.jsonl"
-            rows = read_jsonl(path, required=("sub_label", "obj_label")) if path.exists() else []
-            splits[split] = [Fact(encode(template, lm.tokenizer, {"sub": r["sub_label"]}, lm.causal,
-                                         target_ids=[ids[index[r["obj_label"]]]], max_length=params["max_length"],
-                                         truncate="sub"), index[r["obj_label"]])
-                             for r in rows if r["obj_label"] in index]
-            dropped[split] = len(rows) - len(splits[split])
-        if not splits["train"] or not splits["dev"] or not splits["test"]:
-            raise DataError(f"relation {relation}: training needs train, dev and test facts with a single-token answer, "
-                            f"found {len(splits['train'])} / {len(splits['dev'])} / {len(splits['test'])}")
-        loaded.append(RelationData(relation, template, splits, dropped))
-    return loaded, torch.tensor(ids)
+    candidates = Candidates.load(params, lm.tokenizer)
+    return [load_relation(r, lm, params, candidates, method) for r in relations], candidates.ids
 
 
 @dataclass(frozen=True)
@@ -104,7 +71,7 @@ class _Job:
         self.lengths = [len(f.encoded.input_ids) for f in data.splits["train"]]
         self.steps_per_epoch = math.ceil(len(self.lengths) / config.batch_size)
         self.total_steps = _planned_steps(job)
-        self.scheduler = _schedule(self.optimizer, config, self.total_steps, self.steps_per_epoch)
+        self.scheduler = make_schedule(self.optimizer, config, self.total_steps, self.steps_per_epoch)
         self.step = self.epoch = self.position = self.best_step = self.bad_evals = 0
         self.batches: list[list[int]] | None = None
         self.best: dict | None = None

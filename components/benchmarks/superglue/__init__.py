@@ -10,24 +10,19 @@
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from components.benchmarks import ChoiceOption
 from components.benchmarks.superglue import run as runner
 from components.benchmarks.superglue.run import SETTINGS
 
 
-class SuperGlue:
+class SuperGlue(ChoiceOption):
     name = "superglue"
     prepare_stage = "prepare_fewglue"
     selection_key = "dev.score"  # dev32 (fewshot) or the held-out dev (full)
     report_key = "val.score"     # SuperGLUE val: its test labels are not public
-
-    def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--setting", choices=SETTINGS, help="SuperGLUE setting")
-
-    def cli_overrides(self, args: argparse.Namespace) -> dict:
-        return {"setting": args.setting} if getattr(args, "setting", None) else {}
+    option, choices = "setting", SETTINGS  # --setting fewshot|full
 
     def plan(self, params: dict):
         return runner.plan(params)

@@ -20,7 +20,7 @@ from components.benchmarks.superglue.inputs import Inputs
 from components.benchmarks.superglue.kinds import Kind
 from components.benchmarks.superglue.tasks import Example, TaskSpec, templates_for
 from components.method.model import PromptedLM, PromptEncoder
-from components.method.templates import Template, TemplateError, pad_id
+from components.method.templates import Template, TemplateError, pad_id, piece_ids
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ class Finetune:
             if len(ids) > limit:
                 raise TemplateError(f"finetune input: text_b alone is longer than max_length={limit}")
             return ids
-        ids_a, ids_b = tok.encode(a, add_special_tokens=False), tok.encode(" " + b, add_special_tokens=False)
-        sep = tok.encode(" " + inputs.sep_fallback, add_special_tokens=False) if inputs.sep_fallback else []
+        ids_a, ids_b = piece_ids(tok, a, first=True), piece_ids(tok, b)
+        sep = piece_ids(tok, inputs.sep_fallback) if inputs.sep_fallback else []
         excess = len(ids_a) + len(sep) + len(ids_b) - limit
         if excess >= len(ids_a):
             raise TemplateError(f"finetune input: text_b alone is longer than max_length={limit}")

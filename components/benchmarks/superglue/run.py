@@ -32,7 +32,7 @@ from components.benchmarks.superglue.metrics import primary_score, task_metrics
 from components.benchmarks.superglue.tasks import TASKS, Example, TaskError, TaskSpec, read_examples, task_spec, verbalizer_ids
 from components.data.sources import DataError
 from components.method.model import ENCODERS, export_lm, export_prompt
-from components.training import Callback, TrainConfig, fit, seed_everything
+from components.training import Callback, TrainConfig, atomic_write, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,6 @@ def run(config, output_dir: str | Path, callbacks: list[Callback] = ()) -> dict:
                         for r in results}
     metrics["prompts"] = {r["task"]: r["prompt_dir"] for r in results if r["prompt_dir"]}
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (output_dir / "history.json").write_text(json.dumps({r["task"]: r["history"] for r in results}, indent=2))
+    atomic_write(output_dir / "history.json", json.dumps({r["task"]: r["history"] for r in results}, indent=2))
+    atomic_write(output_dir / "metrics.json", json.dumps(metrics, indent=2))  # all or nothing, even on a full disk
     return metrics
