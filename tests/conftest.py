@@ -14,6 +14,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+pytest.register_assert_rewrite("services")  # imported here, before pytest loads it as a plugin
 from services import REPO  # noqa: E402  (the checkout: one definition for every test)
 SHARED = Path(os.environ.get("PTUNING_SHARED", REPO.parent / "shared")).resolve()
 os.environ.setdefault("PTUNING_TOKENIZERS", str(SHARED / "tokenizers"))

@@ -58,8 +58,7 @@ def test_lama_prompt_served_over_http_answers_as_the_evaluation_predicts(mlflow_
     tracker = Tracker(mlflow_server.uri, "serving")
     with tracker.trial_run("final", config.params):
         metrics = lama.run(config, tmp_path / "run", callbacks=[])
-        version = tracker.register_prompt(metrics["prompts"]["P19"], "serving-ptuning-lama-P19-29k-tiny-gpt2", metrics, report_key="test.p1",
-                                          vocab_file=data / "29k" / "vocab.json", command="ptuning train lama --task P19")
+        version = tracker.register_prompt(metrics["prompts"]["P19"], "serving-ptuning-lama-P19-29k-tiny-gpt2", metrics, report_key="test.p1", command="ptuning train lama --task P19")
     uri = f"models:/{version.name}@{CHAMPION}"
     env = service_env(MLFLOW_TRACKING_URI=mlflow_server.uri, **NO_PICKLE)
     port = free_port()
@@ -145,12 +144,13 @@ def test_a_jointly_tuned_prompt_is_served_with_its_own_lm_weights(tmp_path):
     assert not list(stored.rglob("*.pkl")) and (stored / "prompt_model.py").is_file()
 
 
-@pytest.mark.parametrize("kind, reason", [("choice_scoring", "COPA answers by scoring its choices"),
-                                          ("span_generation", "WSC answers by generating the referent span"),
-                                          ("ranking", "answers only the task kinds classification")])
-def test_kinds_that_do_not_answer_one_label_are_refused_with_a_reason(tmp_path, kind, reason):
+@pytest.mark.parametrize("task, reason", [("copa", "scoring its choices as multi-token continuations"),
+                                          ("wsc", "generating the referent span"),
+                                          ("nope", "unknown SuperGLUE task 'nope'")])
+def test_tasks_that_do_not_answer_one_label_are_refused_with_a_reason(tmp_path, task, reason):
+    """Their benchmark row (its task table) decides, not what prompt.json claims."""
     with pytest.raises(NotServable, match=reason):
-        check_servable(superglue_prompt(tmp_path / kind, kind=kind))
+        check_servable(superglue_prompt(tmp_path / task, task=task))
 
 
 def test_predict_answers_from_a_local_prompt_directory_and_names_a_missing_field(tmp_path):

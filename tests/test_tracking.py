@@ -205,8 +205,7 @@ def test_server_logs_a_real_run_and_registers_its_prompt(mlflow_server, tmp_path
         with tracker.trial_run("trial-0", config.params) as trial:
             metrics = lama.run(config, tmp_path / "out", callbacks=[tracker.callback()])
             tracker.log_result(metrics, output_dir=tmp_path / "out")
-            version = tracker.register_prompt(metrics["prompts"]["P19"], None, metrics, report_key="test.p1",
-                                              vocab_file=data / "29k" / "vocab.json", command="ptuning train lama --task P19")
+            version = tracker.register_prompt(metrics["prompts"]["P19"], None, metrics, report_key="test.p1", command="ptuning train lama --task P19")
 
     client = tracker.client
     parent_run, trial_run = client.get_run(parent.info.run_id), client.get_run(trial.info.run_id)

@@ -43,6 +43,12 @@ class Benchmark(Protocol):
     def run(self, config: "RunConfig", output_dir: Path, callbacks: list["Callback"]) -> dict:
         """Train and evaluate; write `<output_dir>/metrics.json` and return it."""
 
+    def check_servable(self, meta: dict, prompt_dir: Path) -> None:
+        """Raise ValueError saying why an exported prompt (its prompt.json `meta`) cannot be served."""
+
+    def answers(self, meta: dict, prompt_dir: Path, tokenizer) -> tuple[list[str], list[int]]:
+        """What a served prompt answers: the answers (vocabulary words, labels) and the token id of each."""
+
 
 class ChoiceOption:
     """A row's one extra CLI option: `--<option>` with fixed choices, setting the parameter of that name."""

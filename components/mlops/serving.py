@@ -16,10 +16,10 @@ rebuild it:
 `--env-manager virtualenv|uv|conda` installs the pinned requirements from PyPI; the base LM of a frozen-LM
 prompt must then be reachable by the model catalogue there (its cache, PTUNING_MODEL_CACHE, or the mirror).
 
-What each kind answers (the request's fields are the template's `{slots}`):
+What a prompt answers is its benchmark row's `answers` (the request's fields are the template's `{slots}`):
     LAMA                     a word of the benchmark vocabulary (vocab.json): top-k with their scores
     SuperGLUE classification its labels through the verbalizer (BoolQ, CB, RTE, WiC; MultiRC per answer option)
-    COPA, WSC                refused at registration: their answers are choice scoring / span generation
+    COPA, WSC                refused at registration (the row's check_servable): choice scoring / span generation
 """
 from __future__ import annotations
 
@@ -37,16 +37,6 @@ MODEL_CODE = Path(__file__).with_name("prompt_model.py")
 # what `import components.mlops.prompt_model` pulls in at serving time, pinned to the versions that logged it
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pydantic", "numpy", "pandas",
                     "pyyaml", "filelock", "gguf")
-# SuperGLUE task kinds (prompt.json `kind`) the served model answers: one verbalizer token per label
-SERVED_KINDS = ("classification", "grouped_classification")  # MultiRC (grouped): one answer option per row
-REFUSED_KINDS = {
-    "choice_scoring": "COPA answers by scoring its choices as multi-token continuations; the served model "
-                      "answers one verbalizer token per label",
-    "span_generation": "WSC answers by generating the referent span; the served model answers one verbalizer "
-                       "token per label",
-}
-
-
 class NotServable(ValueError):
     """A prompt the served model cannot answer for in its task's terms: registration refuses it."""
 
@@ -73,22 +63,18 @@ def input_fields(meta: dict) -> list[str]:
     return list(dict.fromkeys(parse_template(meta["template"]).slots))
 
 
-def check_servable(prompt_dir: str | Path, vocab_file: str | Path | None = None) -> dict:
-    """prompt.json, when the served model can answer for it in its task's terms; else NotServable says why.
-    `vocab_file`: LAMA's vocabulary when it is not next to the prompt (`vocab.json`)."""
+def check_servable(prompt_dir: str | Path) -> dict:
+    """prompt.json, when the served model can answer for it in its task's terms (its benchmark's row decides);
+    else NotServable says why."""
+    from components.benchmarks import get_benchmark
+
     prompt_dir = Path(prompt_dir)
     meta = read_meta(prompt_dir)
     where = f"{prompt_dir}: {meta.get('benchmark')} {meta.get('task')}"
-    kind = meta.get("kind")
-    if meta.get("benchmark") != "lama" and kind not in SERVED_KINDS:
-        reason = REFUSED_KINDS.get(kind, f"the served model answers only the task kinds {', '.join(SERVED_KINDS)}")
-        raise NotServable(f"{where} (kind {kind}) is not servable: {reason}")
-    if meta.get("benchmark") == "lama":
-        if not (prompt_dir / "vocab.json").is_file() and not (vocab_file and Path(vocab_file).is_file()):
-            raise NotServable(f"{where}: no vocab.json next to the prompt; LAMA answers words of its benchmark "
-                              "vocabulary (pass vocab_file=)")
-    elif not meta.get("verbalizer") or not meta.get("labels"):
-        raise NotServable(f"{where}: prompt.json has no `verbalizer`/`labels`; a classification prompt answers its labels")
+    try:
+        get_benchmark(str(meta.get("benchmark"))).check_servable(meta, prompt_dir)
+    except ValueError as error:
+        raise NotServable(f"{where}: {error}") from None
     if meta.get("lm_trained") and not (prompt_dir / LM_DIR / "config.json").is_file():
         raise NotServable(f"{where}: the LM was trained with this prompt but {prompt_dir / LM_DIR} holds no LM "
                           "(the benchmark writes it with components.method.model.export_lm after training)")
@@ -119,8 +105,9 @@ class PromptPredictor:
     def __init__(self, prompt_dir: str | Path):
         import torch
 
+        from components.benchmarks import get_benchmark
         from components.method.model import PromptedLM, load_prompt
-        from components.method.templates import parse_template, piece_ids
+        from components.method.templates import parse_template
         from components.models.catalog import load_lm
 
         directory = Path(prompt_dir)
@@ -132,16 +119,8 @@ class PromptPredictor:
         self.fields = input_fields(self.meta)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval().to(self.device)
-        if self.meta.get("benchmark") == "lama":  # the benchmark's words that are one token of this model
-            from components.benchmarks.lama.run import candidate_vocabulary
-
-            self.answers, ids = candidate_vocabulary(json.loads((directory / "vocab.json").read_text()), self.tokenizer)
-            self.truncate = "sub"
-        else:  # SuperGLUE classification: one verbalizer token per label, in the labels' order
-            verbalizer = self.meta["verbalizer"]
-            self.answers = [str(label) for label in self.meta["labels"]]
-            ids = [piece_ids(self.tokenizer, verbalizer[label])[0] for label in self.answers]
-            self.truncate = self.meta.get("truncate")
+        self.answers, ids = get_benchmark(self.meta["benchmark"]).answers(self.meta, directory, self.tokenizer)
+        self.truncate = self.meta.get("truncate")
         self.candidate_ids = torch.tensor(ids, device=self.device)
         config = lm.model.config
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
@@ -177,7 +156,7 @@ class PromptPredictor:
 
 
 def log_prompt_model(prompt_dir: str | Path, *, run_id: str, registered_model_name: str | None = None,
-                     tags: dict | None = None, vocab_file: str | Path | None = None):
+                     tags: dict | None = None):
     """Log `prompt_dir` as a models-from-code pyfunc of run `run_id` (signature from prompt_model.py's type
     hints, an input example of the template's fields) and, with a name, register it. Returns MLflow's ModelInfo."""
     import tempfile
@@ -188,7 +167,7 @@ def log_prompt_model(prompt_dir: str | Path, *, run_id: str, registered_model_na
     import components
 
     prompt_dir = Path(prompt_dir)
-    meta = check_servable(prompt_dir, vocab_file)
+    meta = check_servable(prompt_dir)
     fields = input_fields(meta)
     example = ([{f: _example_value(f) for f in fields}], {"top_k": 5})
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,8 +176,6 @@ def log_prompt_model(prompt_dir: str | Path, *, run_id: str, registered_model_na
         for name in PROMPT_FILES:
             if (prompt_dir / name).is_file():
                 shutil.copy2(prompt_dir / name, staged / name)
-        if vocab_file is not None and not (staged / "vocab.json").exists():
-            shutil.copy2(vocab_file, staged / "vocab.json")
         if (prompt_dir / LM_DIR).is_dir():
             shutil.copytree(prompt_dir / LM_DIR, staged / LM_DIR)
         code = Path(tmp) / "components"  # the project's code, without caches

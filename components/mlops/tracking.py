@@ -365,7 +365,7 @@ class Tracker:
 
     def register_prompt(self, prompt_dir: str | Path, name: str | None, metrics: dict, *,
                         selection_key: str = "dev.score", report_key: str | None = None, run_id: str | None = None,
-                        command: str | None = None, vocab_file: str | Path | None = None):
+                        command: str | None = None):
         """Register the prompt exported in `prompt_dir` as a new version of `name` (None: registered_name of
         its prompt.json) and return that ModelVersion.
 
@@ -373,13 +373,12 @@ class Tracker:
         `selection_key` (a dev figure) and `report_key` (e.g. test.p1 / val.score) among them. The version
         takes the alias `champion` when metrics[selection_key] beats the current champion's, else
         `challenger`; test figures are recorded as tags and never decide. `run_id`: the run that trained it
-        (default: this thread's current run); `command`: what trained it, shown on the version;
-        `vocab_file`: LAMA's vocabulary when no vocab.json is next to the prompt.
+        (default: this thread's current run); `command`: what trained it, shown on the version.
         Refuses, before anything is logged: a prompt the served model cannot answer for (NotServable), a
         missing selection or report figure, a scope or selection key that differs from the champion's."""
         from mlflow.exceptions import MlflowException
 
-        meta = check_servable(prompt_dir, vocab_file)
+        meta = check_servable(prompt_dir)
         scope = prompt_scope(meta)
         name = name or registered_name(meta.get("benchmark"), meta.get("task"), meta.get("base_model"),
                                        meta.get("vocab") or meta.get("setting"))
@@ -410,7 +409,7 @@ class Tracker:
         tags = {**scope, **strings, "template": meta["template"], "selection_key": selection_key,
                 "report_key": report_key, **figures,
                 "alias_decision": decision, "command": command, "source_run_id": run_id}
-        info = log_prompt_model(prompt_dir, run_id=run_id, registered_model_name=name, vocab_file=vocab_file,
+        info = log_prompt_model(prompt_dir, run_id=run_id, registered_model_name=name,
                                 tags={k: str(v) for k, v in scope.items()})
         version = str(info.registered_model_version)
         for key, value in tags.items():
@@ -427,7 +426,7 @@ class Tracker:
 
 
 def _answers(meta: dict) -> str:
-    if meta.get("benchmark") == "lama":
+    if not meta.get("labels"):  # LAMA: no fixed labels, the benchmark vocabulary
         return f"words of the {meta.get('vocab', 'benchmark')} vocabulary, top-k with scores"
     return "labels " + ", ".join(f"{label} ({meta['verbalizer'][label]!r})" for label in meta["labels"]) + ", with scores"
 

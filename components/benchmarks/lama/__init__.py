@@ -1,6 +1,7 @@
 """LAMA knowledge probing (paper Table 2): the benchmark's registry row."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from components.benchmarks import ChoiceOption
@@ -26,6 +27,14 @@ class Lama(ChoiceOption):
 
     def run(self, config, output_dir: Path, callbacks) -> dict:
         return probe.run(config, output_dir, callbacks)
+
+    def check_servable(self, meta: dict, prompt_dir: Path) -> None:
+        if not (prompt_dir / "vocab.json").is_file():
+            raise ValueError(f"{prompt_dir}: no vocab.json next to the prompt; LAMA answers words of its vocabulary")
+
+    def answers(self, meta: dict, prompt_dir: Path, tokenizer) -> tuple[list[str], list[int]]:
+        """The benchmark words that are one token of the model, as P@1 ranks them."""
+        return probe.candidate_vocabulary(json.loads((prompt_dir / "vocab.json").read_text()), tokenizer)
 
 
 BENCHMARK = Lama()

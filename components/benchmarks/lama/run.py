@@ -213,7 +213,8 @@ def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: 
     prompt_dir = output_dir / "prompt" if prompt is not None else None
     if prompt is not None:
         export_prompt(prompt, prompt_dir, template.text, params["model"],
-                      {"benchmark": "lama", "task": relation, "vocab": params["vocab"], "causal": lm.causal})
+                      {"benchmark": "lama", "task": relation, "vocab": params["vocab"], "causal": lm.causal,
+                       "max_length": params["max_length"], "truncate": "sub"})
         # the answers a served prompt may give: the benchmark vocabulary, as P@1 reads it
         (prompt_dir / "vocab.json").write_text((Path(params["data_dir"]) / params["vocab"] / "vocab.json").read_text())
     log.info("%s %s: test P@1 %.4f (dev %s) after %d steps", relation, method, test_p1, dev_p1, steps)

@@ -15,6 +15,8 @@ from pathlib import Path
 from components.benchmarks import ChoiceOption
 from components.benchmarks.superglue import run as runner
 from components.benchmarks.superglue.run import SETTINGS
+from components.benchmarks.superglue.tasks import task_spec
+from components.method.templates import piece_ids
 
 
 class SuperGlue(ChoiceOption):
@@ -37,6 +39,19 @@ class SuperGlue(ChoiceOption):
 
     def run(self, config, output_dir: Path, callbacks) -> dict:
         return runner.run(config, output_dir, callbacks)
+
+    def check_servable(self, meta: dict, prompt_dir: Path) -> None:
+        reason = task_spec(meta["task"]).kind.not_servable
+        if reason:  # COPA, WSC
+            raise ValueError(f"{prompt_dir}: {meta['task']} prompts are not servable: {reason}; the served model "
+                             "answers one verbalizer label per request")
+        if not meta.get("verbalizer") or not meta.get("labels"):
+            raise ValueError(f"{prompt_dir}: prompt.json has no verbalizer/labels to answer with")
+
+    def answers(self, meta: dict, prompt_dir: Path, tokenizer) -> tuple[list[str], list[int]]:
+        """The task's labels, each read at its verbalizer word's token (as evaluation does)."""
+        labels = [str(label) for label in meta["labels"]]
+        return labels, [piece_ids(tokenizer, meta["verbalizer"][label])[0] for label in labels]
 
 
 BENCHMARK = SuperGlue()

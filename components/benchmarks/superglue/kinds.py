@@ -60,6 +60,8 @@ def token_log_probs(model: nn.Module, batch: dict) -> torch.Tensor:
 
 class Kind:
     name: ClassVar[str]
+    # why a served prompt of this kind cannot answer one verbalizer label per request (None: it can)
+    not_servable: ClassVar[str | None] = None
 
     def check(self, inputs: "Inputs") -> None:
         """Nothing to check by default."""
@@ -123,6 +125,7 @@ class ChoiceScoring(Kind):
     """Each of the `choices` fields is the answer in turn; the label is the index of the right one."""
     choices: tuple[str, ...]
     name: ClassVar[str] = "choice_scoring"
+    not_servable: ClassVar[str | None] = "it answers by scoring its choices as multi-token continuations"
 
     def items(self, examples: list["Example"], inputs: "Inputs", train: bool) -> list[dict]:
         out = []
@@ -204,6 +207,7 @@ class SpanGeneration(Kind):
     answer: str
     positive: str
     name: ClassVar[str] = "span_generation"
+    not_servable: ClassVar[str | None] = "it answers by generating the referent span"
 
     def items(self, examples: list["Example"], inputs: "Inputs", train: bool) -> list[dict]:
         rng = random.Random(inputs.seed)
