@@ -75,7 +75,8 @@ def _report(args) -> dict:
     command = " ".join(["ptuning report lama", "--model", args.model]
                        + [f"--{flag} {value}" for flag, value in (("vocab", args.vocab), ("seeds", args.seeds),
                                                                    ("relations", args.relations), ("methods", args.methods),
-                                                                   ("pool", args.pool), ("lm-batch", args.lm_batch))
+                                                                   ("pool", args.pool), ("lm-batch", args.lm_batch),
+                                                                   ("output-dir", args.output_dir))
                           if value] + [f"--set {pair}" for pair in args.set])
     report = LamaReport.from_settings(settings, args.model, command, root, vocab=args.vocab, seeds=seeds,
                                       relations=args.relations, methods=args.methods.split(",") if args.methods else None,
