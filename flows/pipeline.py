@@ -60,7 +60,7 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 class Plan:
     benchmark: str
     root: Path
-    combos: list[dict]  # {"task", "model", "method", "overrides", "study", "fingerprint"} per combination
+    combos: list[dict]  # {"task", "model", "method", "overrides"} per combination
     seeds: list[int]
     search: dict  # params/search.yaml with overrides; `space` validated
     tracking: dict  # params/tracking.yaml with overrides
@@ -71,6 +71,16 @@ class Plan:
     report_key: str
     selection_key: str
     extra: dict = field(default_factory=dict)
+
+    def study(self, combo: dict) -> tuple[str, str]:
+        """(study name, settings hash) of a combination: its fingerprint (data version included, so call it once
+        the data is prepared) and the search's space, sampler and seed. The same inputs, the same study."""
+        from components.run_config import resolve
+
+        config = resolve(self.benchmark, combo["overrides"], self.root)
+        key = stable_hash({"fingerprint": config.fingerprint(), "space": self.search["space"],
+                           "sampler": self.search["sampler"], "seed": self.search["seed"]}, 8)
+        return self.search.get("study") or safe_name(self.benchmark, combo["task"], combo["model"], combo["method"], key), key
 
 
 def absolute_sqlite(url: str, root: Path) -> str:
@@ -129,11 +139,7 @@ def plan(benchmark: str, tasks: list[str] | None = None, models: list[str] | Non
                 last = {k: v[-1] for k, v in space.items()}
                 for point in (first, last):
                     config.with_overrides(point)
-                key = stable_hash({"fingerprint": config.fingerprint(), "space": space, "sampler": search["sampler"],
-                                   "seed": search["seed"]}, 8)
-                combos.append({"task": str(task_name), "model": model, "method": method, "overrides": combo,
-                               "study": search.get("study") or safe_name(benchmark, task_name, model, method, key),
-                               "params_hash": key})
+                combos.append({"task": str(task_name), "model": model, "method": method, "overrides": combo})
     return Plan(benchmark=spec.name, root=checkout, combos=combos, seeds=seeds, search={**search, "space": space},
                 tracking=tracking, settings=settings["flow"],
                 tracking_uri=_store(own, tracking, "tracking.uri", "MLFLOW_TRACKING_URI", DEFAULT_TRACKING, checkout),
@@ -434,7 +440,8 @@ def ptuning(
               f"seeds={seeds} overrides={overrides}"
     results = []
     for i, combo in enumerate(run.combos, 1):
-        job = {"benchmark": run.benchmark, "root": str(run.root), "overrides": combo["overrides"], "study": combo["study"],
+        study, key = run.study(combo)  # after prepare_data: the study is named by the data it trains on
+        job = {"benchmark": run.benchmark, "root": str(run.root), "overrides": combo["overrides"], "study": study,
                "task": combo["task"], "model": combo["model"], "method": combo["method"], "search": run.search,
                "grid_size": run.extra["grid_size"], "tracking_uri": run.tracking_uri, "storage": run.storage,
                "experiment": run.tracking["experiment"], "log_every": int(run.settings["log_every"]),
@@ -442,7 +449,7 @@ def ptuning(
                "register": bool(run.tracking["register"]), "outputs_dir": str(run.outputs_dir),
                "report_key": run.report_key, "selection_key": run.selection_key, "command": command,
                "tags": {"benchmark": run.benchmark, "task": combo["task"], "model": combo["model"],
-                        "method": combo["method"], "study": combo["study"], "params_hash": combo["params_hash"]}}
+                        "method": combo["method"], "study": study, "params_hash": key}}
         logger.info("[%d/%d] %s", i, len(run.combos), job["study"])
         found = search(job)
         finals = [final_train(job, found["best_params"], seed, found["parent_run_id"]) for seed in run.seeds]

@@ -217,13 +217,14 @@ def test_plan_resolves_params_files_and_overrides(tmp_path, repo_dir):
     assert combo["overrides"]["model"] == "tiny-gpt2" and combo["overrides"]["train.max_steps"] == 7
     assert run.search["n_trials"] == 3 and run.search["space"] == {"train.lr": [1e-5, 2e-5]}
     assert run.tracking["experiment"] == "exp" and run.outputs_dir == tmp_path
-    assert combo["study"].startswith(f"lama-{combo['task']}-tiny-gpt2-ptuning-")
+    study, _ = run.study(combo)
+    assert study.startswith(f"lama-{combo['task']}-tiny-gpt2-ptuning-")
     # Another search space is another study; the same inputs give the same name (the rerun resumes it).
     again = plan("lama", models=["tiny-gpt2"], seeds=[1, 2], overrides={"train.max_steps": 7, "search.n_trials": 3,
                                                                          "search.space": {"train.lr": [1e-5, 2e-5]}})
     other = plan("lama", models=["tiny-gpt2"], seeds=[1, 2], overrides={"train.max_steps": 7, "search.n_trials": 3,
                                                                          "search.space": {"train.lr": [1e-5]}})
-    assert again.combos[0]["study"] == combo["study"] and other.combos[0]["study"] != combo["study"]
+    assert again.study(again.combos[0])[0] == study and other.study(other.combos[0])[0] != study
 
 
 def test_relative_sqlite_stores_are_the_checkouts(monkeypatch, repo_dir):

@@ -42,7 +42,7 @@ class SuperGlue(ChoiceOption):
 
     def check_servable(self, meta: dict, prompt_dir: Path) -> None:
         reason = task_spec(meta["task"]).kind.not_servable
-        if reason:  # COPA, WSC
+        if reason:  # a kind that answers by scoring or generating, not one label
             raise ValueError(f"{prompt_dir}: {meta['task']} prompts are not servable: {reason}; the served model "
                              "answers one verbalizer label per request")
         if not meta.get("verbalizer") or not meta.get("labels"):
