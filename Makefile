@@ -19,6 +19,6 @@ run: setup
 test: setup
 	python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The unit tier for the edit loop: no servers, no real weights (about a minute).
+# The unit tier for the edit loop: no servers, no real weights, no CLI trainings (about 80 s on 2 cores).
 test-fast: setup
 	python -m pytest -q -p no:cacheprovider -m "not slow and not services and not gpu" $(PYTEST_ARGS)

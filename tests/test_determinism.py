@@ -4,10 +4,14 @@ accumulation, run by two threads in a racy order): PromptedLM now looks the vect
 components.training.seed_everything turns on torch's deterministic algorithms besides. The killed-and-resumed run is in tests/test_resume.py (same settings)."""
 import json
 
+import pytest
+
 import torch
 
 from components.training import TrainConfig, fit
 from test_resume import ENV, comparable, command, make_lama, run_to_end, same_prompts
+
+pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
 
 
 def test_the_same_command_twice_gives_the_same_figures_with_two_threads(tmp_path):

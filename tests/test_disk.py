@@ -16,6 +16,8 @@ from components.training import TrainConfig, fit
 from components.training.storage import DiskFull, atomic_write, save_checkpoint
 from test_resume import ENV, command, make_lama
 
+pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
+
 
 @pytest.fixture
 def tmpfs(tmp_path):

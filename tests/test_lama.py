@@ -24,6 +24,7 @@ def test_candidate_vocabulary_keeps_single_tokens_of_the_model():
     assert ids == [tokenizer.encode(" Paris")[0], tokenizer.encode(" France")[0]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["manual", "ptuning", "finetune", "manual-finetune"])
 def test_every_method_runs_on_real_facts(method, lama_data_dir, tmp_path):
     config = resolve("lama", {"task": "P36", "model": "tiny-gpt2", "method": method, "data_dir": str(lama_data_dir),
@@ -38,6 +39,7 @@ def test_every_method_runs_on_real_facts(method, lama_data_dir, tmp_path):
     assert (tmp_path / "prompt" / "prompt.safetensors").exists() == (method == "ptuning")
 
 
+@pytest.mark.slow
 def test_cli_trains_ptuning_and_prints_metrics_last(lama_data_dir, tmp_path):
     out = tmp_path / "run"
     done = _cli("train", "lama", "--task", "P1376", "--model", "tiny-bert", "--method", "ptuning", "--vocab", "34k",
@@ -87,6 +89,7 @@ def test_an_unwritable_output_directory_fails_before_any_model_loads(lama_data_d
     assert "is not writable" in err and str(blocker) in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_exponent_floats_parse_as_numbers_everywhere(lama_data_dir, tmp_path):
     """`--set train.lr=1e-3` once crashed with a TypeError: YAML 1.1 reads 1e-3 as a string."""
     done = _cli("train", "lama", "--task", "P36", "--model", "tiny-gpt2", "--steps", "1", "--set", "train.lr=1e-3",
@@ -96,6 +99,7 @@ def test_exponent_floats_parse_as_numbers_everywhere(lama_data_dir, tmp_path):
     assert recorded["lr"] == 1e-3 and recorded["lm_lr"] == 5e-6
 
 
+@pytest.mark.slow
 def test_parameters_come_from_the_checkout_the_command_runs_in(lama_data_dir, tmp_path, repo_dir):
     """A second checkout (or a DVC experiment workspace) trains on its own params/, not the installed package's."""
     import shutil

@@ -6,6 +6,8 @@ import pytest
 
 from components.cli import main
 
+pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
+
 
 @pytest.fixture(scope="module")
 def small_lama(lama_data_dir, tmp_path_factory):

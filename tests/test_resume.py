@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from services import REPO
 
+pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
+
 CITIES = ("Paris London Berlin Rome Madrid Tokyo Vienna Moscow Prague Dublin Athens Lisbon Warsaw Cairo Delhi "
           "Chicago Boston Toronto Sydney Oslo").split()
 PTUNING = str(Path(sys.executable).parent / "ptuning")

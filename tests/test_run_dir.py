@@ -13,6 +13,8 @@ import pytest
 
 from test_resume import ENV, make_lama
 
+pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
+
 STEPS = 3
 
 

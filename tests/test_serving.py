@@ -153,6 +153,7 @@ def test_tasks_that_do_not_answer_one_label_are_refused_with_a_reason(tmp_path, 
         check_servable(superglue_prompt(tmp_path / task, task=task))
 
 
+@pytest.mark.slow  # `ptuning predict` in a subprocess
 def test_predict_answers_from_a_local_prompt_directory_and_names_a_missing_field(tmp_path):
     prompt_dir = lama_prompt(tmp_path / "prompt", seed=3)
     facts = [{"sub": p} for p in PEOPLE[:3]]

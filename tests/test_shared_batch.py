@@ -10,6 +10,8 @@ from components.method.model import load_prompt
 from components.models.catalog import load_lm
 from components.run_config import resolve
 
+pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
+
 
 @pytest.fixture(scope="module")
 def small_lama(lama_data_dir, tmp_path_factory):

@@ -376,6 +376,7 @@ def _run(fewglue_dir, tmp_path, **overrides):
     return metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2"])
 def test_every_method_runs_on_rte(fewglue_dir, tmp_path, method, model):
@@ -400,6 +401,7 @@ def test_every_method_runs_on_rte(fewglue_dir, tmp_path, method, model):
         assert metrics["prompts"] == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, model, method", [
     ("copa", "tiny-bert", "ptuning"), ("copa", "tiny-gpt2", "ptuning"), ("copa", "tiny-gpt2", "finetune"),
     ("wsc", "tiny-bert", "ptuning"), ("wsc", "tiny-gpt2", "ptuning"), ("wsc", "tiny-bert", "finetune"),
@@ -434,12 +436,14 @@ def test_several_tasks_report_each_and_the_mean_score(fewglue_dir, tmp_path):
     assert (tmp_path / "cb").is_dir() and (tmp_path / "multirc").is_dir()
 
 
+@pytest.mark.slow
 def test_full_setting_selects_on_the_held_out_dev(fewglue_dir, tmp_path):
     metrics = _run(fewglue_dir, tmp_path, task="cb", model="tiny-bert", method="ptuning", setting="full")
     task = metrics["tasks"]["cb"]
     assert task["selected_on"] == "dev" and task["n_train"] == 225 and task["n_dev"] == 16
 
 
+@pytest.mark.slow
 def test_cli_prints_the_metrics_as_its_last_line(fewglue_dir, tmp_path, capsys):
     from components.cli import main
 

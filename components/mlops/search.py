@@ -408,6 +408,8 @@ def run_search(
             continue
         running = _running(study)
         if not running:
+            if work_left():  # failing a dead worker's stale trial just re-queued its point: take it
+                continue
             break
         if running != waited_for:
             log.info("study %s: waiting for trial(s) %s of other workers%s", study.study_name, running,
