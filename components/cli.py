@@ -3,7 +3,7 @@
     ptuning prepare data|lama|fewglue     materialise and prepare the data (DVC stages)
     ptuning models prepare NAME            fetch/convert a catalogue model into the local cache
     ptuning train lama|superglue ...       train and evaluate one configuration, print its metrics as JSON
-    ptuning report lama --model M ...      run a benchmark's result table and write reports/<benchmark>/<model>/
+    ptuning report lama|superglue --model M ...   run a paper table and write reports/<benchmark>/<model>[-<setting>]/
     ptuning predict --model URI|DIR --input F.jsonl   answer inputs with a registered prompt, one JSON line each
 
 Exit codes: 0 done, 2 bad input (a one-line message, nothing written), 3 the output directory is busy,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -66,24 +67,19 @@ def _models(args) -> dict:
 
 def _report(args) -> dict:
     from components.config import load_params, parse_pairs, project_root
-    from components.reports.lama import LamaReport, run_report
+    from components.reports import get_report
 
     root = project_root()
-    settings = load_params("report", root)["lama"]
-    settings.update({k: v for k, v in (("pool", args.pool), ("lm_batch", args.lm_batch)) if v is not None})
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    command = " ".join(["ptuning report lama", "--model", args.model]
-                       + [f"--{flag} {value}" for flag, value in (("vocab", args.vocab), ("seeds", args.seeds),
-                                                                   ("relations", args.relations), ("methods", args.methods),
-                                                                   ("pool", args.pool), ("lm-batch", args.lm_batch),
-                                                                   ("output-dir", args.output_dir))
-                          if value] + [f"--set {pair}" for pair in args.set])
-    report = LamaReport.from_settings(settings, args.model, command, root, vocab=args.vocab, seeds=seeds,
-                                      relations=args.relations, methods=args.methods.split(",") if args.methods else None,
-                                      output_dir=args.output_dir, params=parse_pairs(args.set))
-    results = run_report(report, settings, root, show_progress=not args.no_progress)
-    return {"report": str(report.output_dir / "REPORT.md"), "wall_s": results["wall_s"],
-            **{f"{m}.macro_test_p1": v.get("macro_test_p1") for m, v in results["methods"].items()}}
+    kind = get_report(args.benchmark)
+    settings = load_params("report", root)[args.benchmark]
+    settings.update({k: getattr(args, k) for k in ("pool", "lm_batch") if getattr(args, k, None) is not None})
+    report = kind.Report.from_settings(
+        settings, args.model, "ptuning " + shlex.join(args.argv), root, option=getattr(args, kind.OPTION),
+        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, tasks=args.tasks,
+        methods=args.methods.split(",") if args.methods else None, output_dir=args.output_dir,
+        params=parse_pairs(args.set))
+    results = kind.run_report(report, settings, root, show_progress=not args.no_progress)
+    return {"report": str(report.output_dir / "REPORT.md"), "wall_s": results["wall_s"], **kind.headline(results)}
 
 
 def _predict(args) -> dict:
@@ -148,18 +144,23 @@ def parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="run a benchmark's result table and write it up (params/report.yaml)")
     report_bench = report.add_subparsers(dest="benchmark", required=True)
     lama = report_bench.add_parser("lama", help="paper Table 2: reports/lama/<model>/ (resumes when run again)")
-    lama.add_argument("--model", required=True)
     lama.add_argument("--vocab", choices=("29k", "34k"))
-    lama.add_argument("--seeds", help="comma list, e.g. 34,35,36 (default: params/report.yaml)")
-    lama.add_argument("--relations", help="comma list or all (default: params/report.yaml)")
-    lama.add_argument("--methods", help="comma list of manual, ptuning, finetune, manual-finetune")
-    lama.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="a params/lama.yaml parameter for every method, e.g. train.max_steps=100")
+    lama.add_argument("--relations", dest="tasks", help="comma list or all (default: params/report.yaml)")
     lama.add_argument("--pool", type=int, help="P-tuning prompts per shared batch (default: params/report.yaml)")
     lama.add_argument("--lm-batch", type=int, help="rows per LM forward (default: params/report.yaml)")
-    lama.add_argument("--output-dir", help="default: reports/lama/<model>")
-    lama.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    lama.set_defaults(run=_report)
+    superglue = report_bench.add_parser("superglue", help="paper Table 5: reports/superglue/<model>-<setting>/ (resumes)")
+    superglue.add_argument("--setting", choices=("fewshot", "full"))
+    superglue.add_argument("--tasks", help="comma list or all (default: params/report.yaml)")
+    for b, (bench, methods) in {lama: ("lama", "manual, ptuning, finetune, manual-finetune"),
+                                superglue: ("superglue", "finetune, manual-zeroshot, manual-finetune, ptuning")}.items():
+        b.add_argument("--model", required=True)
+        b.add_argument("--seeds", help="comma list, e.g. 34,35,36 (default: params/report.yaml)")
+        b.add_argument("--methods", help=f"comma list of {methods}")
+        b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"a params/{bench}.yaml parameter for every method, e.g. train.max_steps=100")
+        b.add_argument("--output-dir", help="default: reports/<benchmark>/<model>[-<setting>]")
+        b.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+        b.set_defaults(run=_report)
 
     predict = sub.add_parser("predict", help="answer inputs with a registered prompt, without a server")
     predict.add_argument("--model", required=True, help="models:/NAME@champion (any MLflow model URI) or a prompt directory")
@@ -175,18 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     from components.training import DiskFull
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv  # the exact command, for the record (a report's header)
+    exit_codes = ((RunDirBusy, 3), (DiskFull, 4), (ValueError, 2), (FileNotFoundError, 2))  # first match wins
     try:
         result = args.run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad input: a clear message, no traceback
+    except tuple(kind for kind, _ in exit_codes) as error:  # a clear message, no traceback
         print(f"ptuning: error: {error}", file=sys.stderr)
-        return 2
-    except RunDirBusy as error:
-        print(f"ptuning: error: {error}", file=sys.stderr)
-        return 3
-    except DiskFull as error:  # nothing half-written is left; the previous checkpoint is intact
-        print(f"ptuning: error: {error}", file=sys.stderr)
-        return 4
+        return next(code for kind, code in exit_codes if isinstance(error, kind))
     print(json.dumps(result, default=str))  # the last line: machine-readable figures
     return 0
 

@@ -1,4 +1,4 @@
-"""Register the deployments `ptuning/lama`, `ptuning/superglue` and `ptuning-report/lama` with a work pool, for workers (on this or
+"""Register the deployments `ptuning/lama`, `ptuning/superglue`, `ptuning-report/lama` and `ptuning-report/superglue` with a work pool, for workers (on this or
 other machines) to run: the alternative to `python -m flows.serve`, which needs neither pool nor worker.
 
     export PREFECT_API_URL=http://<prefect-server>:4200/api       # the Prefect server everyone shares

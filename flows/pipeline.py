@@ -483,73 +483,73 @@ def _summary_artifact(run: Plan, results: list[dict]) -> None:
 
 # --- the result tables -------------------------------------------------------------------------------
 
-@task(name="report-lama", **RETRIES)
-def report_lama(model: str, root: str, seeds: list[int] | None, methods: list[str] | None,
-                relations: list[str] | None, vocab: str | None, overrides: dict | None, output_dir: str | None,
-                command: str) -> dict:
-    """`ptuning report lama`: run what is missing of the table (a killed run resumes), with a progress bar in
-    the Prefect UI; returns results.json's content and where the report is."""
+def _report(benchmark: str, model: str, root: Path, seeds, methods, tasks, overrides: dict, output_dir, command: str):
+    """The report module and its Report (every check of its settings, nothing run)."""
+    from components.reports import get_report
+
+    kind = get_report(benchmark)
+    settings = load_params("report", root)[benchmark]
+    params = {k: v for k, v in overrides.items() if k != kind.OPTION}  # the vocabulary/setting is the report's own
+    report = kind.Report.from_settings(settings, model, command, root, option=overrides.get(kind.OPTION), seeds=seeds,
+                                       tasks=",".join(tasks) if tasks else None, methods=methods,
+                                       output_dir=output_dir, params=params)
+    return kind, settings, report
+
+
+@task(name="report-table", **RETRIES)
+def report_table(benchmark: str, model: str, root: str, seeds: list[int] | None, methods: list[str] | None,
+                 tasks: list[str] | None, overrides: dict, output_dir: str | None, command: str) -> dict:
+    """`ptuning report <benchmark>`: run what is missing of the table (a killed run resumes), with a progress bar
+    in the Prefect UI; returns results.json's content, its headline figures and where the report is."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    from components.config import load_params
-    from components.reports.lama import LamaReport, run_report
-
     _bridge_logs()
-    settings = load_params("report", root)["lama"]
-    report = LamaReport.from_settings(settings, model, command, Path(root), vocab=vocab, seeds=seeds,
-                                      relations=",".join(relations) if relations else None, methods=methods,
-                                      output_dir=output_dir, params=overrides)
-    progress = create_progress_artifact(progress=0.0, description=f"LAMA table of {model}: training steps")
+    kind, settings, report = _report(benchmark, model, Path(root), seeds, methods, tasks, overrides, output_dir, command)
+    progress = create_progress_artifact(progress=0.0, description=f"{benchmark} table of {model}")
 
-    def on_progress(info: dict) -> None:
+    def on_progress(info: dict) -> None:  # shared P-tuning reports steps, one-by-one runs report units
+        done, total = (info["steps"], info["total_steps"]) if "steps" in info else (info["done"], info["total"])
         with contextlib.suppress(Exception):
-            update_progress_artifact(progress, progress=100.0 * info["steps"] / max(1, info["total_steps"]))
+            update_progress_artifact(progress, progress=100.0 * done / max(1, total))
 
-    results = run_report(report, settings, Path(root), show_progress=False, on_progress=on_progress)
-    return {"results": results, "output_dir": str(report.output_dir)}
+    results = kind.run_report(report, settings, Path(root), show_progress=False, on_progress=on_progress)
+    return {"results": results, "headline": kind.headline(results), "output_dir": str(report.output_dir)}
 
 
 @flow(name="ptuning-report", log_prints=True,
-      description="A result table of the paper on one model (LAMA: Table 2): reports/<benchmark>/<model>/, logged to MLflow.")
+      description="A result table of the paper on one model (LAMA: Table 2, SuperGLUE: Table 5), logged to MLflow.")
 def report(benchmark: str = "lama", model: str = "smollm2-135m", seeds: Optional[list[int]] = None,
-           methods: Optional[list[str]] = None, relations: Optional[list[str]] = None, vocab: Optional[str] = None,
+           methods: Optional[list[str]] = None, tasks: Optional[list[str]] = None,
            overrides: Optional[dict[str, Any]] = None, output_dir: Optional[str] = None, prepare: bool = True) -> dict:
     """Run the table (resuming what an earlier run finished), write results.json, REPORT.md and its figures, and
-    log them as artifacts of an MLflow run. Null parameters: params/report.yaml; `overrides`: keys of
-    params/lama.yaml for every method (as `ptuning report --set`) and `tracking.*`; `output_dir`: default
-    reports/<benchmark>/<model>."""
+    log them as artifacts of an MLflow run. Null parameters: params/report.yaml; `tasks`: LAMA relations or
+    SuperGLUE tasks; `overrides`: keys of params/<benchmark>.yaml for every method (as `ptuning report --set`;
+    `vocab` / `setting` choose the table), and `tracking.*`; `output_dir`: default reports/<benchmark>/..."""
     from prefect.artifacts import create_markdown_artifact
 
     from components.mlops.tracking import Tracker, check_reachable
-    from components.reports.lama import LamaReport
 
-    if benchmark != "lama":
-        raise ConfigError(f"a report exists for lama only (got {benchmark!r})")
     root = project_root()
     os.chdir(root)
     own = {k: v for k, v in (overrides or {}).items() if k.startswith("tracking.")}
     overrides = {k: v for k, v in (overrides or {}).items() if k not in own}
     tracking = apply_overrides({"tracking": load_params("tracking", root)}, own)["tracking"]
     uri = _store(own, tracking, "tracking.uri", "MLFLOW_TRACKING_URI", DEFAULT_TRACKING, root)
-    command = (f"prefect flow ptuning-report: model={model} seeds={seeds} methods={methods} relations={relations} "
-               f"vocab={vocab} overrides={overrides}")
-    LamaReport.from_settings(load_params("report", root)["lama"], model, command, root, vocab=vocab, seeds=seeds,
-                             relations=",".join(relations) if relations else None, methods=methods,
-                             output_dir=output_dir, params=overrides)  # every check, before any side effect
+    command = (f"prefect flow ptuning-report: benchmark={benchmark} model={model} seeds={seeds} methods={methods} "
+               f"tasks={tasks} overrides={overrides}")
+    _report(benchmark, model, root, seeds, methods, tasks, overrides, output_dir, command)  # every check, before any side effect
     check_reachable(uri)
     if prepare:
         prepare_data([get_benchmark(benchmark).prepare_stage], str(root))
-    done = report_lama(model, str(root), seeds, methods, relations, vocab, overrides, output_dir, command)
+    done = report_table(benchmark, model, str(root), seeds, methods, tasks, overrides, output_dir, command)
     out = Path(done["output_dir"])
     tracker = Tracker(uri, tracking["experiment"], project_dir=root)
     with tracker.trial_run(f"report-{benchmark}-{model}", {"model": model, "seeds": seeds, "methods": methods,
-                                                           "relations": relations, "vocab": vocab},
+                                                           "tasks": tasks, **overrides},
                            {"role": "report", "benchmark": benchmark, "model": model}) as run:
-        tracker.log_metrics({f"{m}.macro_test_p1": v["macro_test_p1"] for m, v in done["results"]["methods"].items()
-                             if v.get("macro_test_p1") is not None})
+        tracker.log_metrics(done["headline"])
         tracker.client.log_artifacts(run.info.run_id, str(out), artifact_path="report")
     with contextlib.suppress(Exception):
         create_markdown_artifact((out / "REPORT.md").read_text(), key=f"report-{benchmark}-{safe_name(model).lower()}",
                                  description=f"{benchmark} table of {model}")
-    return {"report": str(out / "REPORT.md"), "mlflow_run": run.info.run_id,
-            **{f"{m}.macro_test_p1": v.get("macro_test_p1") for m, v in done["results"]["methods"].items()}}
+    return {"report": str(out / "REPORT.md"), "mlflow_run": run.info.run_id, **done["headline"]}

@@ -1,4 +1,4 @@
-"""Serve the deployments `ptuning/lama`, `ptuning/superglue` and `ptuning-report/lama` from this process.
+"""Serve the deployments `ptuning/lama`, `ptuning/superglue`, `ptuning-report/lama` and `ptuning-report/superglue` from this process.
 
     python -m flows.serve [--limit N] [--only lama|superglue]
 
@@ -9,6 +9,7 @@ until it is stopped (Ctrl-C). Then, from any shell that points at the same API:
     prefect deployment run ptuning/lama -p tasks='["P19"]' -p overrides='{"search.n_trials": 2}' --watch
     prefect deployment run ptuning/superglue -p tasks='["rte"]' -p seeds='[42, 43]' --watch
     prefect deployment run ptuning-report/lama -p model=smollm2-135m --watch      # the LAMA table (resumes)
+    prefect deployment run ptuning-report/superglue -p model=smollm2-135m --watch # the few-shot table (resumes)
 
 Every parameter of the flow (flows/pipeline.py `ptuning`) can be given with -p; those not given come from
 params/flow.yaml when the run starts. Serving needs no work pool or worker; for workers on other machines see
@@ -26,6 +27,7 @@ import sys
 import importlib
 
 from components.benchmarks import REGISTRY
+from components.reports import REPORTS
 from flows.pipeline import ptuning, report
 
 
@@ -33,9 +35,6 @@ def description(benchmark: str) -> str:
     """The benchmark row's own one-line summary, and where the run's defaults come from."""
     summary = (importlib.import_module(REGISTRY[benchmark]).__doc__ or benchmark).strip().splitlines()[0]
     return f"{summary} Defaults: params/flow.yaml `{benchmark}:`."
-
-
-REPORTS = ("lama",)  # the benchmarks that have a result table (`ptuning report`)
 
 
 def deployments(only: list[str] | None = None, **kwargs) -> list:

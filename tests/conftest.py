@@ -51,3 +51,13 @@ def lama_data_dir(raw_data_dir, shared_dir) -> Path:
     out = raw_data_dir.parent / "lama"
     prepare(raw_data_dir, out, tokenizers=shared_dir / "tokenizers", params=load_params("data"))
     return out
+
+
+@pytest.fixture(scope="session")
+def fewglue_dir(shared_dir, tmp_path_factory) -> Path:
+    """data/fewglue as the `prepare_fewglue` stage writes it (read from the mirror, which has data/raw's layout)."""
+    from components.benchmarks.superglue.prepare import prepare
+
+    out = tmp_path_factory.mktemp("fewglue")
+    prepare(shared_dir / "data", out, seed=42)
+    return out

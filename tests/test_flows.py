@@ -27,7 +27,7 @@ def stack(prefect_server, mlflow_server, tmp_path_factory, shared_dir):
            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # the served runner picks a new flow run up within a second
     serve = start([sys.executable, "-m", "flows.serve"], env, tmp / "serve.log")
     try:
-        for name in ("ptuning/lama", "ptuning/superglue", "ptuning-report/lama"):
+        for name in ("ptuning/lama", "ptuning/superglue", "ptuning-report/lama", "ptuning-report/superglue"):
             wait_http(f"{prefect_server.uri}/deployments/name/{name}", serve, tmp / "serve.log")
         yield {"tmp": tmp, "env": env, "api": prefect_server.uri, "mlflow": mlflow_server.uri}
     finally:
@@ -168,7 +168,7 @@ def test_report_deployment_writes_the_table_and_logs_it(stack, first_runs):
 
     out = stack["tmp"] / "report"
     handle = start_deployment(stack, "lama", {
-        "model": "tiny-gpt2", "relations": ["P1376"], "methods": ["manual", "ptuning"], "seeds": [34],
+        "model": "tiny-gpt2", "tasks": ["P1376"], "methods": ["manual", "ptuning"], "seeds": [34],
         "output_dir": str(out), "overrides": {"train.max_steps": 2, "train.eval_every": 2,
                                               "tracking.uri": stack["mlflow"], "tracking.experiment": "e2e-report"}},
         flow="ptuning-report")
@@ -180,6 +180,26 @@ def test_report_deployment_writes_the_table_and_logs_it(stack, first_runs):
     [run] = client.search_runs([client.get_experiment_by_name("e2e-report").experiment_id])
     assert "ptuning.macro_test_p1" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/REPORT.md", "report/results.json"}
+
+
+def test_superglue_report_deployment_writes_the_fewshot_table(stack, first_runs):
+    """`prefect deployment run ptuning-report/superglue`: the same flow, the other table."""
+    from mlflow import MlflowClient
+
+    out = stack["tmp"] / "report-superglue"
+    handle = start_deployment(stack, "superglue", {
+        "model": "tiny-gpt2", "tasks": ["cb"], "methods": ["manual-zeroshot", "ptuning"], "seeds": [42],
+        "output_dir": str(out), "overrides": {"setting": "fewshot", "train.max_steps": 2, "train.eval_every": 2,
+                                              "max_eval_examples": 8, "tracking.uri": stack["mlflow"],
+                                              "tracking.experiment": "e2e-report-superglue"}},
+        flow="ptuning-report")
+    finish_deployment(stack, handle)
+    results = json.loads((out / "results.json").read_text())
+    assert results["setting"] == "fewshot" and set(results["methods"]["ptuning"]["tasks"]) == {"cb"}
+    client = MlflowClient(stack["mlflow"])
+    [run] = client.search_runs([client.get_experiment_by_name("e2e-report-superglue").experiment_id])
+    assert run.data.metrics["ptuning.macro_val_score"] == pytest.approx(results["methods"]["ptuning"]["macro_val_score"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/REPORT.md", "report/tasks.png"}
 
 
 def test_a_bad_task_fails_before_dvc_optuna_or_mlflow(stack, first_runs):

@@ -1,4 +1,4 @@
-"""`ptuning report lama` end to end on a tiny model: results.json, REPORT.md, figures, resuming, bad input."""
+"""`ptuning report lama|superglue` end to end on tiny models: results.json, REPORT.md, figures, resuming, bad input."""
 import json
 import shutil
 
@@ -74,5 +74,60 @@ def test_bad_report_input_fails_before_anything_runs(args, message, small_lama, 
     out = tmp_path / "report"
     code = main(["report", "lama", "--model", "tiny-gpt2", "--set", f"data_dir={small_lama}", "--output-dir", str(out),
                  "--no-progress", *args])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _superglue(out, data_dir, *extra):
+    return main(["report", "superglue", "--model", "tiny-gpt2", "--tasks", "rte,cb,multirc", "--seeds", "42,43",
+                 "--set", "train.max_steps=2", "--set", "train.eval_every=1", "--set", "max_eval_examples=8",
+                 "--set", f"data_dir={data_dir}", "--output-dir", str(out), "--no-progress", *extra])
+
+
+def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo_dir, tmp_path):
+    out = tmp_path / "superglue"
+    assert _superglue(out, fewglue_dir) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["setting"] == "fewshot" and results["max_eval_examples"] == 8 and results["budget"] in ("cpu", "gpu")
+    for method in ("finetune", "manual-zeroshot", "manual-finetune", "ptuning"):
+        entry = results["methods"][method]
+        assert set(entry["tasks"]) == {"rte", "cb", "multirc"} and entry["n_tasks"] == 3
+        seeds = [42, 43] if method != "manual-zeroshot" else []  # the zero-shot prompt trains nothing: one run
+        assert entry["seeds"] == seeds and len(entry["macro_val_score_by_seed"]) == max(1, len(seeds))
+        mean = sum(t["val"]["score"] for t in entry["tasks"].values()) / 3
+        assert entry["macro_val_score"] == pytest.approx(mean)
+        cb = entry["tasks"]["cb"]["val"]
+        assert cb["score"] == pytest.approx((cb["acc"] + cb["f1_macro"]) / 2)
+    assert results["methods"]["ptuning"]["tasks"]["rte"]["steps"] == 2
+    assert [s for s, _ in results["methods"]["ptuning"]["tasks"]["rte"]["dev_curve"]] == [1, 2]
+    report = (out / "REPORT.md").read_text()
+    assert results["command"] in report and "| **P-tuning (ours)** |" in report
+    assert "P-tuning, albert-xxlarge-v2 (paper) | 76.5 | 92.9 / 92.3 | 36.1 / 75.0 |" in report
+    assert "first 8 val examples" in report
+    for figure in ("tasks.png", "learning_curves.png", "macro.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    work = repo_dir / "outputs" / "reports" / "superglue" / out.name / "ptuning"
+    assert work.is_dir() and not any(work.iterdir())  # a unit's run (its trained LM) is gone once its figures are kept
+
+    # one unit lost: only it runs again, and the table is the same
+    units = sorted((out / "units").rglob("*.json"))
+    kept = {p: p.stat().st_mtime_ns for p in units if p.name != "timing.json"}
+    assert len(kept) == 3 * 2 * 3 + 3
+    (out / "units" / "ptuning" / "cb-s43.json").unlink()
+    assert _superglue(out, fewglue_dir) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["methods"]["ptuning"]["macro_val_score"] == pytest.approx(results["methods"]["ptuning"]["macro_val_score"])
+    assert [p for p, t in kept.items() if p.stat().st_mtime_ns != t] == [out / "units" / "ptuning" / "cb-s43.json"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "ptuning,zero-shot"], "unknown report method(s) ['zero-shot']"),
+    (["--tasks", "rte,squad"], "unknown SuperGLUE task 'squad'"),
+    (["--set", "train.lr=-1"], "invalid training settings"),
+])
+def test_bad_superglue_report_input_fails_before_anything_runs(args, message, fewglue_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["report", "superglue", "--model", "tiny-gpt2", "--set", f"data_dir={fewglue_dir}", "--output-dir",
+                 str(out), "--no-progress", *args])
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()

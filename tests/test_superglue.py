@@ -31,13 +31,6 @@ def raw_dir(shared_dir):
 
 
 @pytest.fixture(scope="session")
-def fewglue_dir(raw_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fewglue")
-    prepare(raw_dir, out, seed=42)
-    return out
-
-
-@pytest.fixture(scope="session")
 def bert():
     return load_lm("tiny-bert")
 

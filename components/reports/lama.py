@@ -23,16 +23,17 @@ from components.benchmarks.lama import shared
 from components.benchmarks.lama.run import relations_of, run_relation
 from components.common import remove_checkpoints, safe_name, stable_hash
 from components.reports.figures import curves, grouped_bars
-from components.reports.store import UnitStore, mean_std, write_atomic
+from components.reports.store import UnitStore, mean_std, methods_and_seeds, scratch_dir, unit_key, write_atomic
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
+OPTION = "vocab"
 METHOD_NAMES = {"manual": "MP", "finetune": "FT", "manual-finetune": "MP+FT", "ptuning": "P-tuning"}
 LM_TRAINED = ("finetune", "manual-finetune")
 
 
 @dataclass(frozen=True)
-class LamaReport:
+class Report:
     model: str
     vocab: str
     seeds: tuple[int, ...]
@@ -43,20 +44,14 @@ class LamaReport:
     params: tuple[tuple[str, object], ...] = ()  # params/lama.yaml overrides for every method (the command's --set)
 
     @classmethod
-    def from_settings(cls, settings: dict, model: str, command: str, root: Path, vocab=None, seeds=None,
-                      relations=None, methods=None, output_dir=None, params: dict | None = None) -> "LamaReport":
-        """The report's settings (params/report.yaml `lama:`) with the command line's choices over them;
-        every bad value fails here, before anything runs."""
-        methods = tuple(methods or settings["methods"])
-        unknown = [m for m in methods if m not in METHOD_NAMES]
-        if unknown:
-            raise ValueError(f"unknown report method(s) {unknown}; choose from {', '.join(METHOD_NAMES)}")
-        seeds = tuple(int(s) for s in (seeds or settings["seeds"]))
-        if not seeds:
-            raise ValueError("a report needs at least one seed")
-        relations = tuple(relations_of(relations or settings["relations"]))
+    def from_settings(cls, settings: dict, model: str, command: str, root: Path, option=None, seeds=None,
+                      tasks=None, methods=None, output_dir=None, params: dict | None = None) -> "Report":
+        """The report's settings (params/report.yaml `lama:`) with the command line's choices over them
+        (`option`: the vocabulary, `tasks`: the relations); every bad value fails here, before anything runs."""
+        methods, seeds = methods_and_seeds(settings, methods, seeds, METHOD_NAMES)
+        relations = tuple(relations_of(tasks or settings["relations"]))
         out = Path(output_dir) if output_dir else root / "reports" / "lama" / safe_name(model)
-        report = cls(model, vocab or settings["vocab"], seeds, relations, methods, out, command,
+        report = cls(model, option or settings["vocab"], seeds, relations, methods, out, command,
                      tuple(sorted((params or {}).items())))
         for method in methods:  # params/lama.yaml + overrides, validated by the benchmark (model, vocab, training)
             report.config(settings, method, seeds[0], root)
@@ -69,38 +64,39 @@ class LamaReport:
         return resolve("lama", overrides, root)
 
 
-def run_report(report: LamaReport, settings: dict, root: Path, show_progress: bool = True,
+def run_report(report: Report, settings: dict, root: Path, show_progress: bool = True,
                on_progress: Callable[[dict], None] | None = None) -> dict:
     """Run what is missing, then write results.json, REPORT.md and the figures; returns results.json's dict."""
     started = time.time()
     store = UnitStore(report.output_dir / "units")
-    timings = _read_json(report.output_dir / "units" / "timing.json")
     on_gpu = torch.cuda.is_available()
     lm_subset = tuple(r for r in report.relations if on_gpu or r in settings["cpu_lm_trained_relations"])
+    keys = {}
     for method in report.methods:
         t0 = time.time()
         relations = lm_subset if method in LM_TRAINED else report.relations
         seeds = (None,) if method == "manual" else report.seeds
         base = report.config(settings, method, report.seeds[0], root)
-        fingerprint = base.fingerprint()
-        fingerprint["params"] = {k: v for k, v in fingerprint["params"].items() if k != "task"}
-        if method == "ptuning":  # its results come from the shared trainer: its code counts too
-            fingerprint["shared_trainer"] = stable_hash(Path(shared.__file__).read_text())
-        key = lambda relation, seed: stable_hash({**fingerprint, "relation": relation, "seed": seed})
-        todo = [(r, s) for s in seeds for r in relations if store.get(method, r, s, key(r, s)) is None]
+        # P-tuning's results come from the shared trainer: its code counts too
+        key = keys[method] = unit_key(base, **({"shared_trainer": stable_hash(Path(shared.__file__).read_text())}
+                                if method == "ptuning" else {}))
+        todo = store.missing(method, [(r, s) for s in seeds for r in relations], key)
         log.info("%s: %d of %d units to run", method, len(todo), len(relations) * len(seeds))
         if todo:
             runner = _run_ptuning if method == "ptuning" else _run_one_by_one
-            figures = runner(report, settings, base, method, todo, store, key, root, show_progress, on_progress)
-            previous = timings.get(method, {})
-            timings[method] = {**figures, "seconds": previous.get("seconds", 0.0) + time.time() - t0}
-            write_atomic(report.output_dir / "units" / "timing.json", json.dumps(timings, indent=1))
-    results = _aggregate(report, settings, store, timings, lm_subset, on_gpu)
+            store.add_timing(method, t0, runner(report, settings, base, method, todo, store, key, root,
+                                                show_progress, on_progress))
+    results = _aggregate(report, settings, store, keys, lm_subset, on_gpu)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
     _figures(report, results, store)
     write_atomic(report.output_dir / "REPORT.md", _markdown(report, results, settings))
     return results
+
+
+def headline(results: dict) -> dict[str, float]:
+    """The figures a run logs (MLflow metrics) and the command line prints."""
+    return {f"{m}.macro_test_p1": v["macro_test_p1"] for m, v in results["methods"].items() if "macro_test_p1" in v}
 
 
 def _run_one_by_one(report, settings, base, method, todo, store, key, root, show_progress, on_progress) -> dict:
@@ -118,7 +114,7 @@ def _run_one_by_one(report, settings, base, method, todo, store, key, root, show
         if method != "manual":
             lm = load_lm(report.model)  # every relation starts from the pretrained LM
             plan = base.with_overrides({"train.seed": seed, "task": relation}).tasks[0]
-        run_dir = work / (f"{relation}-s{seed}" if seed is not None else relation)
+        run_dir = scratch_dir(work / (f"{relation}-s{seed}" if seed is not None else relation), key(relation, seed))
         result = run_relation(plan, lm, base.params, run_dir)
         remove_checkpoints(run_dir)  # a finished unit keeps its figures, not an LM's resume state
         store.put(method, relation, seed, key(relation, seed), {
@@ -126,7 +122,7 @@ def _run_one_by_one(report, settings, base, method, todo, store, key, root, show
             "n_train": result.n_train, "n_test": result.n_test, "dropped": result.dropped,
             "history": result.history, "seconds": time.time() - t0})
         if on_progress is not None:
-            on_progress({"method": method, "done": i + 1, "remaining": len(todo) - i - 1})
+            on_progress({"method": method, "done": i + 1, "total": len(todo)})
     return {}
 
 
@@ -156,22 +152,14 @@ def _run_ptuning(report, settings, base, method, todo, store, key, root, show_pr
     return timing
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _aggregate(report: LamaReport, settings: dict, store: UnitStore, timings: dict, lm_subset, on_gpu: bool) -> dict:
+def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_subset, on_gpu: bool) -> dict:
     """Per method: per relation the mean (and std) over seeds; the macro average per seed, then its mean and
     std over seeds. Only relations with every seed finished count (`n_relations` says how many)."""
-    methods = {}
+    methods, timings = {}, store.timings
     for method in report.methods:
         seeds = [None] if method == "manual" else list(report.seeds)
         wanted = lm_subset if method in LM_TRAINED else report.relations
-        units = {}
-        for relation in wanted:
-            found = [json.loads(p.read_text()) for s in seeds if (p := store.path(method, relation, s)).exists()]
-            if len(found) == len(seeds):
-                units[relation] = found
+        units = {r: found for r in wanted if (found := store.load(method, r, seeds, keys[method]))}
         relations = {}
         for relation, found in units.items():
             test_mean, test_std = mean_std([u["test_p1"] for u in found])
@@ -197,7 +185,7 @@ def _aggregate(report: LamaReport, settings: dict, store: UnitStore, timings: di
             "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()), "methods": methods}
 
 
-def _figures(report: LamaReport, results: dict, store: UnitStore) -> None:
+def _figures(report: Report, results: dict, store: UnitStore) -> None:
     out, methods = report.output_dir, results["methods"]
     shown = [m for m in ("manual", "ptuning") if methods.get(m, {}).get("relations")]
     if shown:
@@ -225,7 +213,7 @@ def _pct(value, std=None) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std else "")
 
 
-def _markdown(report: LamaReport, results: dict, settings: dict) -> str:
+def _markdown(report: Report, results: dict, settings: dict) -> str:
     methods = results["methods"]
     paper = settings["paper_table2"].get(report.vocab, {})
     phases = ", ".join(f"{METHOD_NAMES[m]} {methods[m]['timing'].get('seconds', 0) / 60:.1f} min" for m in report.methods)

@@ -1,0 +1,228 @@
+"""The paper's few-shot SuperGLUE table (Table 5) on one model: `ptuning report superglue --model M`.
+
+Methods: standard fine-tuning, the manual prompt zero-shot and fine-tuned (PET-style), and P-tuning, each over
+the tasks and seeds (the zero-shot prompt trains nothing: one run, no seed). Trained runs select on dev32 and
+report on SuperGLUE val. On a GPU the paper's budget (params/superglue.yaml); on a CPU the reduced budget that
+params/report.yaml declares (`superglue.budget.cpu`), which REPORT.md names. Every (method, task, seed) is saved
+under `<out>/units/` as it finishes, so a killed report resumes.
+
+Writes `<out>/results.json` (scores as fractions), `<out>/REPORT.md` and three PNG figures.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from components.benchmarks.superglue.methods import METHODS
+from components.benchmarks.superglue.run import SETTINGS
+from components.benchmarks.superglue.tasks import TASKS
+from components.common import safe_name
+from components.reports.figures import curves, grouped_bars
+from components.reports.store import UnitStore, mean_std, methods_and_seeds, scratch_dir, unit_key, write_atomic
+from components.run_config import resolve
+
+log = logging.getLogger(__name__)
+OPTION = "setting"
+METHOD_NAMES = {"finetune": "FT", "manual-zeroshot": "MP zero-shot", "manual-finetune": "MP FT", "ptuning": "P-tuning"}
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    setting: str
+    seeds: tuple[int, ...]
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    output_dir: Path
+    command: str
+    budget: str  # "gpu" (the paper's) or "cpu" (params/report.yaml superglue.budget.cpu)
+    params: tuple[tuple[str, object], ...] = ()  # params/superglue.yaml overrides for every method (--set)
+
+    @classmethod
+    def from_settings(cls, settings: dict, model: str, command: str, root: Path, option=None, seeds=None,
+                      tasks=None, methods=None, output_dir=None, params: dict | None = None) -> "Report":
+        """params/report.yaml `superglue:` with the command line's choices over it (`option`: the setting);
+        every bad value fails here, before anything runs."""
+        methods, seeds = methods_and_seeds(settings, methods, seeds, METHOD_NAMES)
+        setting = option or settings["setting"]
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown SuperGLUE setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+        names = tasks or settings["tasks"]
+        names = list(TASKS) if names == "all" else [t.strip().lower() for t in str(names).split(",") if t.strip()]
+        out = Path(output_dir) if output_dir else root / "reports" / "superglue" / f"{safe_name(model)}-{setting}"
+        report = cls(model, setting, seeds, tuple(names), methods, out, command,
+                     "gpu" if torch.cuda.is_available() else "cpu", tuple(sorted((params or {}).items())))
+        for method in methods:  # params/superglue.yaml + budget + overrides, validated by the benchmark
+            report.config(settings, method, seeds[0], root)
+        return report
+
+    def config(self, settings: dict, method: str, seed: int, root: Path, task: str | None = None):
+        trains = METHODS[method].trains  # a method that trains nothing takes the budget's evaluation keys only
+        budget = {k: v for k, v in (settings["budget"][self.budget] or {}).items() if trains or not k.startswith("train.")}
+        overrides = {"model": self.model, "setting": self.setting, "method": method, "train.seed": seed,
+                     "task": task or ",".join(self.tasks), **budget, **dict(self.params)}
+        return resolve("superglue", overrides, root)
+
+
+def run_report(report: Report, settings: dict, root: Path, show_progress: bool = True,
+               on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run what is missing, then write results.json, REPORT.md and the figures; returns results.json's dict."""
+    from tqdm import tqdm
+
+    from components.benchmarks.superglue.run import run
+
+    started = time.time()
+    store = UnitStore(report.output_dir / "units")
+    keys, todo = {}, []
+    for method in report.methods:
+        keys[method] = unit_key(report.config(settings, method, report.seeds[0], root))
+        seeds = report.seeds if METHODS[method].trains else (None,)
+        todo += [(method, t, s) for t, s in store.missing(method, [(t, s) for s in seeds for t in report.tasks], keys[method])]
+    log.info("%d units to run", len(todo))
+    work = root / "outputs" / "reports" / "superglue" / report.output_dir.name
+    bar = tqdm(todo, desc="SuperGLUE", unit="run", disable=not show_progress, mininterval=2.0)
+    for i, (method, task, seed) in enumerate(bar):
+        bar.set_postfix_str(f"{method} {task} seed {seed}", refresh=False)
+        t0 = time.time()
+        config = report.config(settings, method, seed if seed is not None else report.seeds[0], root, task)
+        key = keys[method](task, seed)
+        run_dir = scratch_dir(work / method / (f"{task}-s{seed}" if seed is not None else task), key)
+        metrics = run(config, run_dir)
+        figures = metrics["tasks"][task]
+        history = json.loads((run_dir / "history.json").read_text())[task]
+        shutil.rmtree(run_dir, ignore_errors=True)  # a trained LM per unit: the table keeps figures, not weights
+        store.put(method, task, seed, key, {
+            "dev": figures["dev"], "val": figures["val"], "steps": figures["steps"], "best_step": figures["best_step"],
+            "stopped_early": figures["stopped_early"], "n_train": figures["n_train"], "n_dev": figures["n_dev"],
+            "n_val": figures["n_val"], "selected_on": figures["selected_on"], "history": history,
+            "seconds": time.time() - t0})
+        store.add_timing(method, t0)
+        if on_progress is not None:
+            on_progress({"done": i + 1, "total": len(todo)})
+    bar.close()
+    results = _aggregate(report, settings, store, keys, root)
+    results["wall_s_this_invocation"] = time.time() - started
+    write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
+    _figures(report, results)
+    write_atomic(report.output_dir / "REPORT.md", _markdown(report, results, settings))
+    return results
+
+
+def headline(results: dict) -> dict[str, float]:
+    """The figures a run logs (MLflow metrics) and the command line prints."""
+    return {f"{m}.macro_val_score": v["macro_val_score"] for m, v in results["methods"].items() if "macro_val_score" in v}
+
+
+def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, root: Path) -> dict:
+    """Per method and task: each val metric's mean and std over seeds; the macro score (the mean over tasks of
+    each task's score) per seed, then its mean and std. Only tasks with every seed finished count."""
+    methods, timings = {}, store.timings
+    for method in report.methods:
+        seeds = list(report.seeds) if METHODS[method].trains else [None]
+        units = {t: found for t in report.tasks if (found := store.load(method, t, seeds, keys[method]))}
+        tasks = {}
+        for task, found in units.items():
+            metrics = TASKS[task].metrics
+            val = {name: mean_std([u["val"][name] for u in found]) for name in found[0]["val"]}
+            tasks[task] = {"val": {name: mean for name, (mean, _) in val.items()},
+                           "val_std": {name: std for name, (_, std) in val.items()},
+                           "dev_score": mean_std([u["dev"]["score"] for u in found])[0],
+                           "val_score_by_seed": {str(u["seed"]): u["val"]["score"] for u in found},
+                           "steps": mean_std([u["steps"] for u in found])[0], "n_val": found[0]["n_val"],
+                           "n_train": found[0]["n_train"], "seconds": sum(u["seconds"] for u in found),
+                           "dev_curve": [(h["step"], sum(h[f"dev.{m}"] for m in metrics) / len(metrics))
+                                         for h in found[0]["history"]]}
+        entry = {"n_tasks": len(tasks), "seeds": [s for s in seeds if s is not None], "tasks": tasks,
+                 "timing": timings.get(method, {})}
+        if tasks:
+            per_seed = [sum(units[t][i]["val"]["score"] for t in tasks) / len(tasks) for i in range(len(seeds))]
+            entry["macro_val_score"], entry["macro_val_score_std"] = mean_std(per_seed)
+            entry["macro_dev_score"] = sum(v["dev_score"] for v in tasks.values()) / len(tasks)
+            entry["macro_val_score_by_seed"] = per_seed
+        methods[method] = entry
+    evaluated = report.config(settings, report.methods[0], report.seeds[0], root)
+    return {"benchmark": "superglue", "model": report.model, "setting": report.setting, "command": report.command,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "budget": report.budget,
+            "budget_overrides": settings["budget"][report.budget] or {}, "seeds": list(report.seeds),
+            "max_eval_examples": evaluated.params.get("max_eval_examples"),
+            "tasks": list(report.tasks), "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()),
+            "methods": methods}
+
+
+def _figures(report: Report, results: dict) -> None:
+    out, methods = report.output_dir, results["methods"]
+    shown = [m for m in report.methods if methods[m]["tasks"]]
+    if shown:
+        tasks = [t for t in report.tasks if all(t in methods[m]["tasks"] for m in shown)]
+        grouped_bars(out / "tasks.png", [TASKS[t].folder for t in tasks],
+                     {METHOD_NAMES[m]: [100 * methods[m]["tasks"][t]["val"]["score"] for t in tasks] for m in shown},
+                     "val score (%)", f"SuperGLUE {report.setting} per task, {report.model} (± std over seeds)",
+                     errors={METHOD_NAMES[m]: [100 * methods[m]["tasks"][t]["val_std"]["score"] for t in tasks] for m in shown})
+    lines = {TASKS[t].folder: [(s, 100 * v) for s, v in entry["dev_curve"]]
+             for t, entry in methods.get("ptuning", {}).get("tasks", {}).items()}
+    if any(lines.values()):
+        curves(out / "learning_curves.png", lines, "step", "dev score (%)",
+               f"P-tuning dev score per task (seed {report.seeds[0]}), {report.model}")
+    done = [m for m in report.methods if "macro_val_score" in methods[m]]
+    if done:
+        grouped_bars(out / "macro.png", [METHOD_NAMES[m] for m in done],
+                     {report.model: [100 * methods[m]["macro_val_score"] for m in done]},
+                     "mean val score over tasks (%)", f"SuperGLUE {report.setting}: macro score",
+                     errors={report.model: [100 * methods[m]["macro_val_score_std"] for m in done]})
+
+
+def _cell(entry: dict | None, metrics: tuple[str, ...]) -> str:
+    """`acc ± std` (or `a ± s / b ± s` for a task of two metrics), in %."""
+    if not entry:
+        return "–"
+    return " / ".join(f"{100 * entry['val'][m]:.1f}" + (f" ± {100 * entry['val_std'][m]:.1f}" if entry["val_std"][m] else "")
+                      for m in metrics)
+
+
+def _markdown(report: Report, results: dict, settings: dict) -> str:
+    methods = results["methods"]
+    specs = [TASKS[t] for t in report.tasks]
+    header = "| | " + " | ".join(f"{s.folder} ({'/'.join(s.metrics)})" for s in specs) + " | macro score |"
+    lines = [f"# SuperGLUE {report.setting} on {report.model} (paper Table 5)", "",
+             "Produced by", "```", report.command, "```",
+             f"Device: {results['device']}. Budget: **{report.budget}**"
+             + (f" (params/report.yaml `superglue.budget.cpu` over params/superglue.yaml: "
+                f"`{json.dumps(results['budget_overrides'])}`; the paper's step counts need a GPU)"
+                if report.budget == "cpu" else " (the paper's step counts, params/superglue.yaml)")
+             + f". Wall time of the runs: {results['wall_s'] / 60:.1f} min. Seeds {', '.join(map(str, report.seeds))} "
+             "(the zero-shot prompt trains nothing: one run). Trained runs keep the state best on dev32 and are scored "
+             "on SuperGLUE val; figures in %, mean ± std over seeds; the macro score is the mean over tasks of each "
+             "task's mean metric.", "", "## Val scores", "", header, "|---" * (len(specs) + 2) + "|"]
+    for method in report.methods:
+        entry = methods[method]
+        macro = (f"{100 * entry['macro_val_score']:.1f}" + (f" ± {100 * entry['macro_val_score_std']:.1f}"
+                                                           if entry["macro_val_score_std"] else "")
+                 + (f" ({entry['n_tasks']} tasks)" if entry["n_tasks"] != len(specs) else "")) if "macro_val_score" in entry else "–"
+        lines.append(f"| **{METHOD_NAMES[method]} (ours)** | "
+                     + " | ".join(_cell(entry["tasks"].get(s.name), s.metrics) for s in specs) + f" | {macro} |")
+    for name, row in settings["paper_table5"].items():
+        cells = [" / ".join(str(v) for v in (row[s.name] if isinstance(row.get(s.name), list) else [row.get(s.name, "–")]))
+                 for s in specs]
+        lines.append(f"| {name} (paper) | " + " | ".join(cells) + " | – |")
+    if results["max_eval_examples"]:
+        lines += ["", f"Val figures are on the first {results['max_eval_examples']} val examples of each task (MultiRC: "
+                      "whole questions), not the whole val set (`max_eval_examples`)."]
+    lines += ["", "## Per task", "", "| task | method | val score | dev32 score | steps | n train | n val | minutes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        for method in report.methods:
+            entry = methods[method]["tasks"].get(spec.name)
+            if entry:
+                lines.append(f"| {spec.folder} | {METHOD_NAMES[method]} | {100 * entry['val']['score']:.1f} | "
+                             f"{100 * entry['dev_score']:.1f} | {entry['steps']:.0f} | {entry['n_train']} | "
+                             f"{entry['n_val']} | {entry['seconds'] / 60:.1f} |")
+    lines += ["", "## Figures", "", "![per task](tasks.png)", "", "![dev learning curves](learning_curves.png)", "",
+              "![macro](macro.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""The report units (components/reports/store.py): what is reused, what is recomputed, what a unit may resume."""
+import re
+
+import pytest
+
+from components.reports.store import UnitStore, methods_and_seeds, scratch_dir
+
+
+def test_only_units_of_the_current_settings_count(tmp_path):
+    store = UnitStore(tmp_path)
+    key = lambda task, seed: f"new-{task}-{seed}"
+    store.put("ptuning", "rte", 42, "new-rte-42", {"val": 0.5})
+    store.put("ptuning", "rte", 43, "old-settings", {"val": 0.9})
+    assert store.missing("ptuning", [("rte", 42), ("rte", 43), ("cb", 42)], key) == [("rte", 43), ("cb", 42)]
+    assert store.load("ptuning", "rte", [42, 43], key) is None  # one seed of other settings: not aggregated
+    store.put("ptuning", "rte", 43, "new-rte-43", {"val": 0.7})
+    assert [u["val"] for u in store.load("ptuning", "rte", [42, 43], key)] == [0.5, 0.7]
+
+
+def test_a_unit_resumes_only_its_own_scratch_dir(tmp_path):
+    directory = scratch_dir(tmp_path / "rte-s42", "settings-a")
+    (directory / "checkpoint").mkdir()
+    assert (scratch_dir(tmp_path / "rte-s42", "settings-a") / "checkpoint").is_dir()  # the same unit: kept
+    assert not (scratch_dir(tmp_path / "rte-s42", "settings-b") / "checkpoint").exists()  # other settings: emptied
+
+
+def test_timings_add_up_over_invocations(tmp_path):
+    store = UnitStore(tmp_path)
+    store.add_timing("manual", started=0.0)
+    first = store.timings["manual"]["seconds"]
+    store.add_timing("manual", started=0.0, figures={"examples_per_s": 3.0})
+    assert store.timings["manual"]["seconds"] > first and store.timings["manual"]["examples_per_s"] == 3.0
+
+
+@pytest.mark.parametrize("methods, seeds, message", [
+    (["ptuning", "zero-shot"], None, "unknown report method(s) ['zero-shot']"),
+    (None, [], "a report needs at least one seed"),
+])
+def test_bad_methods_or_seeds(methods, seeds, message):
+    settings = {"methods": ["ptuning"], "seeds": []}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        methods_and_seeds(settings, methods, seeds, {"ptuning": "P-tuning"})
+    assert methods_and_seeds(settings, None, [34], {"ptuning": "P-tuning"}) == (("ptuning",), (34,))
