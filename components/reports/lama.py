@@ -245,6 +245,9 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
             lines += ["", "## Where P-tuning gains", "", f"Most: {fmt(gains[:5])}.", "",
                       f"Least: {fmt(gains[::-1][:5])}.", "",
                       f"P-tuning beats the manual prompt on {sum(g > 0 for g, _ in gains)} of {len(gains)} relations."]
+        stuck = [r for r in both if not any(p for _, p in methods["ptuning"]["relations"][r]["dev_curve"])]
+        if stuck:  # a prompt that never got one dev fact right: a failed training, not a small gain
+            lines += ["", f"P-tuning's dev P@1 stayed at 0 at every evaluation on {', '.join(stuck)}."]
     lines += ["", "## Per relation", "", "| relation | n test | " + " | ".join(METHOD_NAMES[m] for m in report.methods)
               + " | P-tuning dev | P-tuning steps |", "|---" * (len(report.methods) + 4) + "|"]
     for relation in report.relations:
