@@ -23,10 +23,15 @@ def small_lama(lama_data_dir, tmp_path_factory):
     return out
 
 
+def _cli(benchmark, out, data_dir, *args):
+    """`ptuning report BENCHMARK` on tiny-gpt2 over the given data, into `out`, without a progress bar."""
+    return main(["report", benchmark, "--model", "tiny-gpt2", *args, "--set", f"data_dir={data_dir}",
+                 "--output-dir", str(out), "--no-progress"])
+
+
 def _report(out, data_dir, *extra):
-    return main(["report", "lama", "--model", "tiny-gpt2", "--relations", "P36,P1376", "--seeds", "34,35",
-                 "--methods", "manual,ptuning", "--set", "train.max_steps=4", "--set", "train.eval_every=2",
-                 "--set", f"data_dir={data_dir}", "--output-dir", str(out), "--no-progress", *extra])
+    return _cli("lama", out, data_dir, "--relations", "P36,P1376", "--seeds", "34,35", "--methods", "manual,ptuning",
+                "--set", "train.max_steps=4", "--set", "train.eval_every=2", *extra)
 
 
 def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_path, capsys):
@@ -72,16 +77,14 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
 ])
 def test_bad_report_input_fails_before_anything_runs(args, message, small_lama, tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["report", "lama", "--model", "tiny-gpt2", "--set", f"data_dir={small_lama}", "--output-dir", str(out),
-                 "--no-progress", *args])
+    code = _cli("lama", out, small_lama, *args)
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()
 
 
 def _superglue(out, data_dir, *extra):
-    return main(["report", "superglue", "--model", "tiny-gpt2", "--tasks", "rte,cb,multirc", "--seeds", "42,43",
-                 "--set", "train.max_steps=2", "--set", "train.eval_every=1", "--set", "max_eval_examples=8",
-                 "--set", f"data_dir={data_dir}", "--output-dir", str(out), "--no-progress", *extra])
+    return _cli("superglue", out, data_dir, "--tasks", "rte,cb,multirc", "--seeds", "42,43", "--set", "train.max_steps=2",
+                "--set", "train.eval_every=1", "--set", "max_eval_examples=8", *extra)
 
 
 def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo_dir, tmp_path):
@@ -127,7 +130,6 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
 ])
 def test_bad_superglue_report_input_fails_before_anything_runs(args, message, fewglue_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["report", "superglue", "--model", "tiny-gpt2", "--set", f"data_dir={fewglue_dir}", "--output-dir",
-                 str(out), "--no-progress", *args])
+    code = _cli("superglue", out, fewglue_dir, *args)
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()
