@@ -22,7 +22,8 @@ from components.benchmarks import REGISTRY, get_benchmark
 
 # flag -> the parameter it sets (the same as --set KEY=VALUE)
 TRAIN_FLAGS = {"task": "task", "model": "model", "method": "method", "steps": "train.max_steps",
-               "eval_every": "train.eval_every", "lr": "train.lr", "seed": "train.seed"}
+               "eval_every": "train.eval_every", "lr": "train.lr", "seed": "train.seed", "preset": "preset"}
+PRESET_HELP = "a named preset of params/<benchmark>.yaml's `presets:` (lama: paper, the paper code's defaults)"
 
 
 def default_output_dir(config) -> Path:
@@ -77,7 +78,7 @@ def _report(args) -> dict:
         settings, args.model, "ptuning " + shlex.join(args.argv), root, option=getattr(args, kind.OPTION),
         seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, tasks=args.tasks,
         methods=args.methods.split(",") if args.methods else None, output_dir=args.output_dir,
-        params=parse_pairs(args.set))
+        params={**({"preset": args.preset} if args.preset else {}), **parse_pairs(args.set)})
     results = kind.run_report(report, settings, root, show_progress=not args.no_progress)
     return {"report": str(report.output_dir / "REPORT.md"), "wall_s": results["wall_s"], **kind.headline(results)}
 
@@ -129,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
         b.add_argument("--task", help="LAMA relation (P19, P19,P36, all) or SuperGLUE task (rte, cb, ...)")
         b.add_argument("--model")
         b.add_argument("--method")
+        b.add_argument("--preset", help=PRESET_HELP)
         get_benchmark(name).add_cli_options(b)
         b.add_argument("--steps", type=int, help="maximum optimizer steps (train.max_steps)")
         b.add_argument("--eval-every", type=int, help="steps between evaluations (train.eval_every)")
@@ -156,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
         b.add_argument("--model", required=True)
         b.add_argument("--seeds", help="comma list, e.g. 34,35,36 (default: params/report.yaml)")
         b.add_argument("--methods", help=f"comma list of {methods}")
+        b.add_argument("--preset", help=PRESET_HELP + "; the table goes to a folder of its own")
         b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help=f"a params/{bench}.yaml parameter for every method, e.g. train.max_steps=100")
         b.add_argument("--output-dir", help="default: reports/<benchmark>/<model>[-<setting>]")

@@ -113,6 +113,18 @@ def apply_overrides(params: dict, overrides: dict[str, Any] | Iterable[str] | No
     return params
 
 
+def apply_preset(params: dict, name: str | None) -> dict:
+    """`params` with its `presets:` table's entry `name` applied as overrides (None: as they are). The table
+    is dropped and the name kept: a run records which preset it used, not the others it could have."""
+    presets = params.get("presets") or {}
+    params = {k: v for k, v in params.items() if k != "presets"}
+    if name is None:
+        return params
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(map(str, presets)) or 'none in this file'}")
+    return {**apply_overrides(params, presets[name]), "preset": name}
+
+
 SHARED_ENV = {"mirror": "PTUNING_DATA_MIRROR", "tokenizers": "PTUNING_TOKENIZERS"}
 
 

@@ -2,7 +2,7 @@
 stages, `dvc exp run -S`, the flow and `prefect deployment run -p`), and it checks everything it can before
 anything happens: benchmark, tasks, models, methods, templates, training settings and the output directory.
 
-    params/<benchmark>.yaml  --overrides-->  params  --Benchmark.plan-->  TaskPlan(task, TrainConfig)
+    params/<benchmark>.yaml  --preset, overrides-->  params  --Benchmark.plan-->  TaskPlan(task, TrainConfig)
                                                                         (the one place a TrainConfig is built)
 
 A `RunConfig` also knows its fingerprint: the resolved parameters, the version of the library code that
@@ -22,7 +22,7 @@ from typing import Any
 import components
 from components.benchmarks import Benchmark, TaskPlan, get_benchmark
 from components.common import stable_hash
-from components.config import ConfigError, apply_overrides, in_root, load_params, parse_pairs, project_root
+from components.config import ConfigError, apply_overrides, apply_preset, in_root, load_params, parse_pairs, project_root
 
 PATH_KEYS = ("data_dir",)  # parameters that name a folder of the checkout
 
@@ -58,7 +58,8 @@ def resolve(benchmark: str, overrides: dict[str, Any] | list[str] | None = None,
     spec = get_benchmark(benchmark)
     checkout = project_root(root)
     given = dict(overrides) if isinstance(overrides, dict) else parse_pairs(overrides or [])
-    params = apply_overrides(load_params(spec.name, checkout), given)
+    params = load_params(spec.name, checkout)
+    params = apply_overrides(apply_preset(params, given.get("preset", params.get("preset"))), given)
     for key in PATH_KEYS:
         if params.get(key):
             params[key] = str(in_root(params[key], checkout).resolve())

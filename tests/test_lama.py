@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from components.benchmarks.lama.run import candidate_vocabulary, run
 from components.cli import main
@@ -65,6 +66,9 @@ def test_cli_trains_ptuning_and_prints_metrics_last(lama_data_dir, tmp_path):
     (["--set", "train.lr=-1e-3"], "invalid training settings: lr=-0.001"),
     (["--set", "encoder=gru"], "unknown prompt encoder 'gru'"),
     (["--vocab", "34k", "--set", "vocab=12k"], "unknown LAMA vocabulary '12k'"),
+    (["--set", "init=vocab"], "unknown prompt init 'vocab'"),
+    (["--set", "init=manual", "--set", "template=[P*3] {sub} [Y]"], "init=manual derives the prompt"),
+    (["--preset", "papr"], "unknown preset 'papr'; known: paper"),
 ])
 def test_bad_input_fails_clearly_before_any_training(args, message, lama_data_dir, tmp_path, capsys):
     code = main(["train", "lama", "--model", "tiny-gpt2", "--output-dir", str(tmp_path / "out"),
@@ -122,3 +126,41 @@ def test_smollm2_manual_prompt_knows_capitals(lama_data_dir, tmp_path):
     config = resolve("lama", {"task": "P36", "model": "smollm2-135m", "method": "manual", "data_dir": str(lama_data_dir)})
     metrics = run(config, tmp_path)
     assert metrics["test"]["p1"] > 0.3  # chance over ~18k candidate words is ~0.0001
+
+
+def test_the_paper_preset_restores_the_paper_codes_defaults_under_the_commands_overrides():
+    tuned, paper = resolve("lama"), resolve("lama", {"preset": "paper"})
+    assert (tuned.params["train"]["lr"], tuned.params["train"]["max_steps"]) == (3e-4, 150)
+    assert paper.params["train"]["lr"] == 1e-5 and paper.params["train"]["max_steps"] is None
+    assert paper.params["train"]["patience"] == 20 and paper.params["init"] == "random"
+    assert paper.params["preset"] == "paper" and "presets" not in paper.params  # a run records what it used
+    assert paper.fingerprint_hash() != tuned.fingerprint_hash()
+    assert resolve("lama", {"preset": "paper", "train.lr": 1e-3}).params["train"]["lr"] == 1e-3  # the command wins
+
+
+def test_a_benchmark_without_presets_says_so():
+    with pytest.raises(ValueError, match="unknown preset 'paper'; known: none in this file"):
+        resolve("superglue", {"preset": "paper"})
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-bert"])
+def test_manual_init_starts_exactly_at_the_manual_prompt(model, lama_data_dir):
+    """init=manual with no encoder: before any step, the continuous prompt scores what the manual prompt does."""
+    from components.benchmarks.lama.run import Candidates, load_relation, new_encoder
+    from components.method.model import PromptedLM
+    from components.method.templates import collate, pad_id
+
+    lm = load_lm(model)
+    params = resolve("lama", {"model": model, "task": "P19", "data_dir": str(lama_data_dir), "encoder": "none",
+                              "init": "manual"}).params
+    candidates = Candidates.load(params, lm.tokenizer)
+    prompted = load_relation("P19", lm, params, candidates)
+    manual = load_relation("P19", lm, params, candidates, method="manual")
+    assert manual.template.text == "{sub} was born in [Y] ."
+    # a causal LM reads nothing after its target; a masked LM keeps the full stop, as a prompt token
+    assert prompted.template.text == ("{sub} [P*3] [Y]" if model == "tiny-gpt2" else "{sub} [P*3] [Y] [P]")
+    logits = [PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval()(
+                  **collate([f.encoded for f in data.splits["test"][:16]], pad_id(lm.tokenizer)),
+                  candidate_ids=candidates.ids)
+              for prompt, data in ((new_encoder(prompted, lm, "none"), prompted), (None, manual))]
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)

@@ -5,7 +5,8 @@ from torch import nn
 
 from components.models.catalog import load_lm
 from components.method.model import FixedPrompt, PromptedLM, PromptEncoder, export_prompt, load_prompt
-from components.method.templates import TemplateError, collate, encode, lama_template, parse_template
+from components.method.templates import (TemplateError, collate, encode, lama_template, parse_template, piece_ids,
+                                         prompt_from_anchors)
 from components.training import TrainConfig, fit
 
 
@@ -21,6 +22,28 @@ def test_template_parts_in_any_order():
 def test_lama_shapes_follow_the_paper():
     assert lama_template([3, 3, 3], causal=False) == "[P*3] {sub} [P*3] [Y] [P*3]"
     assert lama_template([3, 3, 3], causal=True) == "[P*3] {sub} [P*3] [Y]"
+
+
+def test_anchors_become_prompt_tokens_of_their_pieces():
+    tokenizer = load_lm("tiny-gpt2").tokenizer
+    manual = parse_template("The capital of {sub} is [Y] .")
+    text, ids = prompt_from_anchors(manual, tokenizer, causal=True)
+    first, second = piece_ids(tokenizer, "The capital of", first=True), piece_ids(tokenizer, "is")
+    assert len(first) == 3 and len(second) == 1
+    assert text == "[P*3] {sub} [P] [Y]" and ids == first + second
+    text, ids = prompt_from_anchors(manual, tokenizer, causal=False)  # a masked LM reads the tokens after [Y] too
+    assert text.endswith("[Y] [P]") and ids[-1] == piece_ids(tokenizer, ".")[0]
+    with pytest.raises(TemplateError, match="no words to initialise a prompt from"):
+        prompt_from_anchors(parse_template("[P*3] {sub} [Y]"), tokenizer, causal=True)
+
+
+def test_an_encoder_can_start_from_given_vectors():
+    start = torch.randn(4, 32)
+    assert torch.equal(PromptEncoder(4, 32, "none", init=start)(), start)
+    lstm = PromptEncoder(4, 32, "lstm", init=start)  # the LSTM's own initialisation is untouched
+    assert torch.equal(lstm.embedding.weight.detach(), start)
+    with pytest.raises(ValueError, match="expected \\(4, 32\\)"):
+        PromptEncoder(4, 32, "none", init=torch.zeros(3, 32))
 
 
 @pytest.mark.parametrize("text, message", [

@@ -51,6 +51,10 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     report = (out / "REPORT.md").read_text()
     assert results["command"] in report and "ptuning report lama --model tiny-gpt2" in results["command"]
     assert "gpt2-medium (paper) | 20.3" in report and "| P1376 |" in report
+    # the recipe and the code the units were keyed on, as resolved
+    recipe = results["provenance"]["ptuning"]
+    assert recipe["params"]["train"]["max_steps"] == 4 and "task" not in recipe["params"]
+    assert "lr 0.0003, up to 4 steps at batch 8" in report and f"Library code version {recipe['code_version']}" in report
     for figure in ("relations.png", "learning_curves.png", "macro.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -74,12 +78,25 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     (["--methods", "manual,zero-shot"], "unknown report method(s) ['zero-shot']"),
     (["--relations", "P999"], "unknown LAMA relation"),
     (["--set", "train.lr=-1"], "invalid training settings"),
+    (["--preset", "nope"], "unknown preset 'nope'; known: paper"),
 ])
 def test_bad_report_input_fails_before_anything_runs(args, message, small_lama, tmp_path, capsys):
     out = tmp_path / "report"
     code = _cli("lama", out, small_lama, *args)
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_preset_table_goes_to_its_own_folder_with_the_presets_settings(repo_dir):
+    from components.config import load_params
+    from components.reports import get_report
+
+    settings = load_params("report", repo_dir)["lama"]
+    report = get_report("lama").Report.from_settings(settings, "tiny-gpt2", "ptuning report lama", repo_dir,
+                                                     params={"preset": "paper"})
+    assert report.output_dir == repo_dir / "reports" / "lama" / "tiny-gpt2-preset-paper"
+    train = report.config(settings, "ptuning", 34, repo_dir).params["train"]
+    assert (train["lr"], train["max_steps"], train["patience"]) == (1e-5, None, 20)
 
 
 def _superglue(out, data_dir, *extra):
@@ -107,6 +124,7 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     assert results["command"] in report and "| **P-tuning (ours)** |" in report
     assert "P-tuning, albert-xxlarge-v2 (paper) | 76.5 | 92.9 / 92.3 | 36.1 / 75.0 |" in report
     assert "first 8 val examples" in report
+    assert f"Library code version {results['provenance']['ptuning']['code_version']}" in report
     for figure in ("tasks.png", "learning_curves.png", "macro.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     work = repo_dir / "outputs" / "reports" / "superglue" / out.name / "ptuning"
@@ -127,6 +145,7 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     (["--methods", "ptuning,zero-shot"], "unknown report method(s) ['zero-shot']"),
     (["--tasks", "rte,squad"], "unknown SuperGLUE task 'squad'"),
     (["--set", "train.lr=-1"], "invalid training settings"),
+    (["--preset", "paper"], "unknown preset 'paper'; known: none in this file"),
 ])
 def test_bad_superglue_report_input_fails_before_anything_runs(args, message, fewglue_dir, tmp_path, capsys):
     out = tmp_path / "report"

@@ -1,9 +1,10 @@
 """The report units (components/reports/store.py): what is reused, what is recomputed, what a unit may resume."""
 import re
+import time
 
 import pytest
 
-from components.reports.store import UnitStore, methods_and_seeds, scratch_dir
+from components.reports.store import UnitStore, methods_and_seeds, report_dir, scratch_dir
 
 
 def test_only_units_of_the_current_settings_count(tmp_path):
@@ -24,12 +25,21 @@ def test_a_unit_resumes_only_its_own_scratch_dir(tmp_path):
     assert not (scratch_dir(tmp_path / "rte-s42", "settings-b") / "checkpoint").exists()  # other settings: emptied
 
 
-def test_timings_add_up_over_invocations(tmp_path):
+def test_a_table_of_other_parameters_gets_a_folder_of_its_own(tmp_path):
+    assert report_dir(tmp_path, "lama", "smollm2-135m", {}) == tmp_path / "reports" / "lama" / "smollm2-135m"
+    variant = report_dir(tmp_path, "lama", "smollm2-135m", {"preset": "paper", "train.max_steps": 300})
+    assert variant.name == "smollm2-135m-preset-paper-train.max_steps-300"
+
+
+def test_timings_add_up_over_invocations_of_the_same_settings(tmp_path):
     store = UnitStore(tmp_path)
-    store.add_timing("manual", started=0.0)
+    started = time.time() - 10
+    store.add_timing("manual", started, "settings-a")
     first = store.timings["manual"]["seconds"]
-    store.add_timing("manual", started=0.0, figures={"examples_per_s": 3.0})
-    assert store.timings["manual"]["seconds"] > first and store.timings["manual"]["examples_per_s"] == 3.0
+    store.add_timing("manual", started, "settings-a", figures={"examples_per_s": 3.0})
+    assert store.timings["manual"]["seconds"] >= first + 10 and store.timings["manual"]["examples_per_s"] == 3.0
+    store.add_timing("manual", time.time() - 1, "settings-b")  # other settings recompute every unit: a new count
+    assert 1 <= store.timings["manual"]["seconds"] < 10
 
 
 @pytest.mark.parametrize("methods, seeds, message", [

@@ -1,4 +1,5 @@
 """The shared-batch trainer (components/benchmarks/lama/shared.py) against one-relation training on real facts."""
+import re
 import shutil
 
 import pytest
@@ -28,29 +29,31 @@ def small_lama(lama_data_dir, tmp_path_factory):
     return out
 
 
-def _config(data_dir, task, **train):
+def _config(data_dir, task, encoder="lstm", init="random", **train):
     return resolve("lama", {"task": task, "model": "tiny-gpt2", "method": "ptuning", "data_dir": str(data_dir),
-                            "train.lr": 1e-3, **{f"train.{k}": v for k, v in train.items()}})
+                            "encoder": encoder, "init": init, "train.lr": 1e-3,
+                            **{f"train.{k}": v for k, v in train.items()}})
 
 
-def _vectors(result, dim):
+def _vectors(result, dim, kind="lstm"):
     from components.method.model import PromptEncoder
 
-    encoder = PromptEncoder(6, dim, "lstm")
+    encoder = PromptEncoder(result.encoder_state["embedding.weight"].shape[0], dim, kind)
     encoder.load_state_dict(result.encoder_state)
     return encoder().detach()
 
 
-def test_one_relation_trains_as_run_relation_does(small_lama, tmp_path):
+@pytest.mark.parametrize("encoder, init", [("lstm", "random"), ("none", "manual")])
+def test_one_relation_trains_as_run_relation_does(small_lama, tmp_path, encoder, init):
     # eval only at the last step: the best state is the trained one, so the vectors compare 6 steps of training
-    config = _config(small_lama, "P1376", max_steps=6, eval_every=6)
+    config = _config(small_lama, "P1376", encoder, init, max_steps=6, eval_every=6)
     lm = load_lm("tiny-gpt2")
     alone = run_relation(config.tasks[0], lm, config.params, tmp_path)
     data, candidates = load_relations(["P1376"], lm, config.params)
-    [shared], timing = train_shared(lm, [Job("P1376", data[0], config.tasks[0].train)], candidates, pool=1,
+    [shared], timing = train_shared(lm, [Job("P1376", data[0], config.tasks[0].train, encoder)], candidates, pool=1,
                                     show_progress=False)
     expected = load_prompt(tmp_path / "prompt")[0]()
-    assert torch.allclose(_vectors(shared, expected.shape[1]), expected, atol=1e-6)
+    assert torch.allclose(_vectors(shared, expected.shape[1], encoder), expected, atol=1e-6)
     assert (shared.test_p1, shared.dev_p1, shared.steps) == (alone.test_p1, alone.dev_p1, alone.steps)
     assert [h["step"] for h in shared.history] == [h["step"] for h in alone.history] == [6]
     assert timing["train_examples"] == 6 * 8 and timing["shared_steps"] == 6
@@ -88,3 +91,23 @@ def test_a_full_queue_waits_for_a_free_place_in_the_pool(small_lama):
     # same facts, same seed: the same prompt, whether trained beside another job or alone
     dim = lm.model.get_input_embeddings().embedding_dim
     assert torch.allclose(_vectors(results[0], dim), _vectors(results[2], dim), atol=1e-6)
+
+
+def test_the_recipe_sweep_ranks_recipes_on_dev_and_never_scores_test(small_lama, tmp_path, monkeypatch):
+    from components.benchmarks.lama import run as lama_run
+    from components.reports import sweep
+
+    scored = []  # the facts every P@1 was computed on
+    real = lama_run.precision_at_1
+    monkeypatch.setattr("components.benchmarks.lama.shared.precision_at_1",
+                        lambda model, facts, *a: scored.append(facts) or real(model, facts, *a))
+    out = tmp_path / "SWEEP.md"
+    assert sweep.main(["--model", "tiny-gpt2", "--relations", "P36,P1376", "--recipes", "lstm/random/1e-3,none/manual/3e-3",
+                       "--steps", "4", "--eval-every", "2", "--out", str(out), "--data-dir", str(small_lama)]) == 0
+    assert scored == []  # the sweep's jobs are never scored on test
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| lstm") or line.startswith("| none")]
+    means = [float(re.search(r"\*\*([\d.]+)\*\*", row).group(1)) for row in rows]
+    assert len(rows) == 2 and means == sorted(means, reverse=True)  # best mean dev P@1 first
+    assert "--recipes lstm/random/1e-3,none/manual/3e-3" in out.read_text()  # the exact command
+    with pytest.raises(SystemExit, match="is not encoder/init/lr"):
+        sweep.main(["--recipes", "lstm/3e-4"])

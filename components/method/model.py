@@ -22,9 +22,11 @@ class PromptEncoder(nn.Module):
 
     lstm: Embedding -> BiLSTM(2 layers, dim/2 per direction) -> Linear(dim, dim) -> ReLU -> Linear(dim, dim),
     as in the paper's LAMA code. mlp: Embedding -> Linear -> ReLU -> Linear. none: the embeddings themselves.
+    `init` sets the embeddings (random otherwise); with `none` the prompt's vectors start exactly there.
     """
 
-    def __init__(self, n_tokens: int, dim: int, kind: str = "lstm", hidden: int | None = None):
+    def __init__(self, n_tokens: int, dim: int, kind: str = "lstm", hidden: int | None = None,
+                 init: torch.Tensor | None = None):
         super().__init__()
         if kind not in ENCODERS:
             raise ValueError(f"unknown prompt encoder {kind!r}; choose one of {ENCODERS}")
@@ -33,6 +35,11 @@ class PromptEncoder(nn.Module):
         self.n_tokens, self.dim, self.kind = n_tokens, dim, kind
         hidden = hidden or dim
         self.embedding = nn.Embedding(n_tokens, dim)
+        if init is not None:  # e.g. the manual prompt's word embeddings (OptiPrompt); random otherwise
+            if tuple(init.shape) != (n_tokens, dim):
+                raise ValueError(f"prompt initialisation of shape {tuple(init.shape)}, expected {(n_tokens, dim)}")
+            with torch.no_grad():
+                self.embedding.weight.copy_(init)
         self.lstm = nn.LSTM(dim, max(hidden // 2, 1), num_layers=2, bidirectional=True, batch_first=True) if kind == "lstm" else None
         mlp_in = 2 * max(hidden // 2, 1) if kind == "lstm" else dim
         self.mlp = nn.Sequential(nn.Linear(mlp_in, hidden), nn.ReLU(), nn.Linear(hidden, dim)) if kind != "none" else None

@@ -96,6 +96,25 @@ def lama_template(shape: list[int] | tuple[int, ...], causal: bool) -> str:
     return " ".join(p for p in pieces if p and not p.startswith("[P*0]"))
 
 
+def prompt_from_anchors(template: Template, tokenizer, causal: bool) -> tuple[str, list[int]]:
+    """OptiPrompt's manual initialisation: `template` with each discrete anchor replaced by as many continuous
+    tokens as it has pieces, and the ids of those pieces (the prompt starts as the manual prompt's words).
+    A causal LM reads nothing after its target, so what follows [Y] is dropped."""
+    parts, ids = [], []
+    for i, part in enumerate(template.parts):
+        if part.kind == "anchor":
+            pieces = piece_ids(tokenizer, part.value, i == 0)
+            parts.append(Part("prompt", count=len(pieces)))
+            ids += pieces
+        else:
+            parts.append(part)
+        if causal and part.kind == "target":
+            break
+    if not ids:
+        raise TemplateError(f"template {template.text!r} has no words to initialise a prompt from")
+    return " ".join(_render(p) for p in parts), ids
+
+
 # --- from a template to model inputs -------------------------------------------------------------
 
 @dataclass

@@ -21,9 +21,10 @@ import torch
 from components.benchmarks import TaskPlan
 from components.benchmarks.lama import shared
 from components.benchmarks.lama.run import relations_of, run_relation
-from components.common import remove_checkpoints, safe_name, stable_hash
+from components.common import remove_checkpoints, stable_hash
 from components.reports.figures import curves, grouped_bars
-from components.reports.store import UnitStore, mean_std, methods_and_seeds, scratch_dir, unit_key, write_atomic
+from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
+                                      scratch_dir, versions_line, write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Report:
         (`option`: the vocabulary, `tasks`: the relations); every bad value fails here, before anything runs."""
         methods, seeds = methods_and_seeds(settings, methods, seeds, METHOD_NAMES)
         relations = tuple(relations_of(tasks or settings["relations"]))
-        out = Path(output_dir) if output_dir else root / "reports" / "lama" / safe_name(model)
+        out = Path(output_dir) if output_dir else report_dir(root, "lama", model, params or {})
         report = cls(model, option or settings["vocab"], seeds, relations, methods, out, command,
                      tuple(sorted((params or {}).items())))
         for method in methods:  # params/lama.yaml + overrides, validated by the benchmark (model, vocab, training)
@@ -71,22 +72,23 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
     store = UnitStore(report.output_dir / "units")
     on_gpu = torch.cuda.is_available()
     lm_subset = tuple(r for r in report.relations if on_gpu or r in settings["cpu_lm_trained_relations"])
-    keys = {}
+    keys, configs = {}, {}
     for method in report.methods:
         t0 = time.time()
         relations = lm_subset if method in LM_TRAINED else report.relations
         seeds = (None,) if method == "manual" else report.seeds
-        base = report.config(settings, method, report.seeds[0], root)
+        base = configs[method] = report.config(settings, method, report.seeds[0], root)
         # P-tuning's results come from the shared trainer: its code counts too
-        key = keys[method] = unit_key(base, **({"shared_trainer": stable_hash(Path(shared.__file__).read_text())}
-                                if method == "ptuning" else {}))
+        key = keys[method] = UnitKey(base, **({"shared_trainer": stable_hash(Path(shared.__file__).read_text())}
+                                              if method == "ptuning" else {}))
         todo = store.missing(method, [(r, s) for s in seeds for r in relations], key)
         log.info("%s: %d of %d units to run", method, len(todo), len(relations) * len(seeds))
         if todo:
             runner = _run_ptuning if method == "ptuning" else _run_one_by_one
-            store.add_timing(method, t0, runner(report, settings, base, method, todo, store, key, root,
-                                                show_progress, on_progress))
+            store.add_timing(method, t0, key.settings, runner(report, settings, base, method, todo, store, key, root,
+                                                              show_progress, on_progress))
     results = _aggregate(report, settings, store, keys, lm_subset, on_gpu)
+    results["provenance"] = provenance(configs)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
     _figures(report, results, store)
@@ -105,7 +107,7 @@ def _run_one_by_one(report, settings, base, method, todo, store, key, root, show
 
     from components.models.catalog import load_lm
 
-    work = root / "outputs" / "reports" / "lama" / safe_name(report.model) / method
+    work = root / "outputs" / "reports" / "lama" / report.output_dir.name / method
     lm = load_lm(report.model) if method == "manual" else None
     bar = tqdm(todo, desc=METHOD_NAMES[method], unit="relation", disable=not show_progress, mininterval=2.0)
     for i, (relation, seed) in enumerate(bar):
@@ -207,6 +209,19 @@ def _figures(report: Report, results: dict, store: UnitStore) -> None:
                      errors={report.model: [100 * methods[m]["macro_test_p1_std"] for m in done]})
 
 
+def _recipe(results: dict) -> str:
+    """P-tuning's recipe as the units were keyed on it (params/lama.yaml, its preset, the report's overrides)."""
+    if "ptuning" not in results["provenance"]:
+        return ""
+    params = results["provenance"]["ptuning"]["params"]
+    train = params["train"]
+    shape = params["template"] or ("the manual prompt's words" if params["init"] == "manual" else
+                                   f"shape {params['prompt_shape']} (a causal LM drops the group after [Y])")
+    return (f" P-tuning's recipe (params/lama.yaml, preset {params.get('preset') or 'none'}): lr {train['lr']:g}, up "
+            f"to {train['max_steps']} steps at batch {train['batch_size']}, dev every {train['eval_every']} steps, "
+            f"patience {train['patience']}, encoder {params['encoder']}, init {params['init']}, {shape}.")
+
+
 def _pct(value, std=None) -> str:
     if value is None:
         return "–"
@@ -222,7 +237,8 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
              f"Device: {results['device']}. Wall time of the runs: {results['wall_s'] / 60:.1f} min "
              f"({phases}). "
              f"Seeds {', '.join(map(str, report.seeds))} (the manual prompt has none). P@1 in %, restricted to the "
-             f"LAMA-{report.vocab} answer vocabulary, macro-averaged over relations; mean ± std over seeds.", "",
+             f"LAMA-{report.vocab} answer vocabulary, macro-averaged over relations; mean ± std over seeds."
+             + _recipe(results), "", versions_line(results["provenance"]), "",
              "## Macro P@1", "",
              "| | " + " | ".join(METHOD_NAMES[m] for m in METHOD_NAMES) + " |", "|---" * (len(METHOD_NAMES) + 1) + "|"]
     ours = [(_pct(methods[m].get("macro_test_p1"), methods[m].get("macro_test_p1_std"))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from components.common import stable_hash
+from components.common import safe_name, stable_hash
 
 
 class UnitStore:
@@ -48,15 +48,25 @@ class UnitStore:
 
     @property
     def timings(self) -> dict:
-        """Per method: the seconds its runs took over every invocation, and its last invocation's figures."""
+        """Per method: the seconds its runs of the current settings took over every invocation, and its last
+        invocation's figures."""
         path = self.root / "timing.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def add_timing(self, method: str, started: float, figures: dict | None = None) -> None:
+    def add_timing(self, method: str, started: float, settings: str, figures: dict | None = None) -> None:
+        """Add the seconds since `started` to the method's time under `settings` (a `UnitKey.settings`): a run of
+        other settings recomputes every unit, so it starts the count afresh."""
         timings = self.timings
-        seconds = timings.get(method, {}).get("seconds", 0.0) + time.time() - started
-        timings[method] = {**(figures or {}), "seconds": seconds}
+        before = timings.get(method, {})
+        seconds = (before.get("seconds", 0.0) if before.get("settings") == settings else 0.0) + time.time() - started
+        timings[method] = {**(figures or {}), "seconds": seconds, "settings": settings}
         write_atomic(self.root / "timing.json", json.dumps(timings, indent=1))
+
+
+def report_dir(root: Path, benchmark: str, name: str, params: dict) -> Path:
+    """`reports/<benchmark>/<name>`; a table of other parameters (the command's --preset / --set) gets a folder of
+    its own (`<name>-preset-paper`), so that it never overwrites the default table's units."""
+    return root / "reports" / benchmark / safe_name(name, *(f"{k}-{v}" for k, v in sorted(params.items())))
 
 
 def scratch_dir(directory: Path, key: str) -> Path:
@@ -70,14 +80,39 @@ def scratch_dir(directory: Path, key: str) -> Path:
     return directory
 
 
-def unit_key(config, **extra) -> Callable[[str, int | None], str]:
-    """The settings hash of a report's (task, seed) unit: the run configuration's fingerprint (params, code and
-    data versions) without its task list, plus `extra`. A unit computed otherwise is never reused."""
-    fingerprint = config.fingerprint()
-    fingerprint["params"] = {k: v for k, v in fingerprint["params"].items() if k != "task"}
-    fingerprint.update(extra)
-    # "relation": the field name the committed LAMA units were hashed with, for every benchmark's task
-    return lambda task, seed: stable_hash({**fingerprint, "relation": task, "seed": seed})
+class UnitKey:
+    """The settings hash of a report's (task, seed) unit, `key(task, seed)`: the run configuration's fingerprint
+    (params, code and data versions) without its task list, plus `extra`. A unit computed otherwise is never
+    reused. `settings`: the hash of the method's settings alone."""
+
+    def __init__(self, config, **extra):
+        self.fingerprint = config.fingerprint()
+        self.fingerprint["params"] = {k: v for k, v in self.fingerprint["params"].items() if k != "task"}
+        self.fingerprint.update(extra)
+        self.settings = stable_hash(self.fingerprint)
+
+    def __call__(self, task: str, seed: int | None) -> str:
+        # "relation": the field name the committed LAMA units were hashed with, for every benchmark's task
+        return stable_hash({**self.fingerprint, "relation": task, "seed": seed})
+
+
+def provenance(configs: dict) -> dict:
+    """Per method, what its units are keyed on: the resolved parameters (without the task list) and the code and
+    data versions (components/run_config.py). Units of other values are recomputed, never reused."""
+    out = {}
+    for method, config in configs.items():
+        fingerprint = config.fingerprint()
+        out[method] = {"params": {k: v for k, v in fingerprint["params"].items() if k != "task"},
+                       "code_version": fingerprint["code_version"], "data_version": fingerprint["data_version"]}
+    return out
+
+
+def versions_line(provenance: dict) -> str:
+    """REPORT.md's sentence on the code and data its figures come from."""
+    code = ", ".join(sorted({str(p["code_version"]) for p in provenance.values()}))
+    data = ", ".join(sorted({str(p["data_version"]) for p in provenance.values()}))
+    return (f"Library code version {code}, data version {data}: units computed with other code, data or parameters "
+            "are recomputed, never reused (results.json `provenance` holds every method's resolved parameters).")
 
 
 def methods_and_seeds(settings: dict, methods, seeds, known: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:

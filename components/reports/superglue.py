@@ -23,9 +23,9 @@ import torch
 from components.benchmarks.superglue.methods import METHODS
 from components.benchmarks.superglue.run import SETTINGS
 from components.benchmarks.superglue.tasks import TASKS
-from components.common import safe_name
 from components.reports.figures import curves, grouped_bars
-from components.reports.store import UnitStore, mean_std, methods_and_seeds, scratch_dir, unit_key, write_atomic
+from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
+                                      scratch_dir, versions_line, write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Report:
             raise ValueError(f"unknown SuperGLUE setting {setting!r}; choose one of {', '.join(SETTINGS)}")
         names = tasks or settings["tasks"]
         names = list(TASKS) if names == "all" else [t.strip().lower() for t in str(names).split(",") if t.strip()]
-        out = Path(output_dir) if output_dir else root / "reports" / "superglue" / f"{safe_name(model)}-{setting}"
+        out = Path(output_dir) if output_dir else report_dir(root, "superglue", f"{model}-{setting}", params or {})
         report = cls(model, setting, seeds, tuple(names), methods, out, command,
                      "gpu" if torch.cuda.is_available() else "cpu", tuple(sorted((params or {}).items())))
         for method in methods:  # params/superglue.yaml + budget + overrides, validated by the benchmark
@@ -80,9 +80,10 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
 
     started = time.time()
     store = UnitStore(report.output_dir / "units")
-    keys, todo = {}, []
+    keys, configs, todo = {}, {}, []
     for method in report.methods:
-        keys[method] = unit_key(report.config(settings, method, report.seeds[0], root))
+        configs[method] = report.config(settings, method, report.seeds[0], root)
+        keys[method] = UnitKey(configs[method])
         seeds = report.seeds if METHODS[method].trains else (None,)
         todo += [(method, t, s) for t, s in store.missing(method, [(t, s) for s in seeds for t in report.tasks], keys[method])]
     log.info("%d units to run", len(todo))
@@ -103,11 +104,12 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
             "stopped_early": figures["stopped_early"], "n_train": figures["n_train"], "n_dev": figures["n_dev"],
             "n_val": figures["n_val"], "selected_on": figures["selected_on"], "history": history,
             "seconds": time.time() - t0})
-        store.add_timing(method, t0)
+        store.add_timing(method, t0, keys[method].settings)
         if on_progress is not None:
             on_progress({"done": i + 1, "total": len(todo)})
     bar.close()
     results = _aggregate(report, settings, store, keys, root)
+    results["provenance"] = provenance(configs)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
     _figures(report, results)
@@ -199,7 +201,7 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
              + f". Wall time of the runs: {results['wall_s'] / 60:.1f} min. Seeds {', '.join(map(str, report.seeds))} "
              "(the zero-shot prompt trains nothing: one run). Trained runs keep the state best on dev32 and are scored "
              "on SuperGLUE val; figures in %, mean ± std over seeds; the macro score is the mean over tasks of each "
-             "task's mean metric.", "", "## Val scores", "", header, "|---" * (len(specs) + 2) + "|"]
+             "task's mean metric.", "", versions_line(results["provenance"]), "", "## Val scores", "", header, "|---" * (len(specs) + 2) + "|"]
     for method in report.methods:
         entry = methods[method]
         macro = (f"{100 * entry['macro_val_score']:.1f}" + (f" ± {100 * entry['macro_val_score_std']:.1f}"

@@ -20,12 +20,14 @@ from torch import nn
 from components.benchmarks import TaskPlan
 from components.data.sources import DataError, read_jsonl
 from components.method.model import ENCODERS, PromptedLM, PromptEncoder, export_prompt
-from components.method.templates import Encoded, Template, collate, encode, lama_template, pad_id, parse_template, piece_ids
+from components.method.templates import (Encoded, Template, collate, encode, lama_template, pad_id, parse_template,
+                                         piece_ids, prompt_from_anchors)
 from components.training import Callback, TrainConfig, atomic_write, fit, seed_everything
 
 log = logging.getLogger(__name__)
 METHODS = ("manual", "ptuning", "finetune", "manual-finetune")
 VOCABS = ("29k", "34k")
+INITS = ("random", "manual")  # P-tuning's prompt: the paper's shape, random; or the manual prompt's words (OptiPrompt)
 TRAINED = ("ptuning", "finetune", "manual-finetune")  # the methods that train something
 # The 41 LAMA T-REx relations (paper Table 2): known before any data is prepared, so a typo fails at once.
 RELATIONS = ("P1001 P101 P103 P106 P108 P127 P1303 P131 P136 P1376 P138 P140 P1412 P159 P17 P176 P178 P19 P190 "
@@ -67,7 +69,7 @@ def _manual_templates(data_dir: Path) -> dict[str, str]:
 def template_for(method: str, relation: str, causal: bool, params: dict, data_dir: Path) -> str:
     if params.get("template"):
         return params["template"]
-    if method == "ptuning":
+    if method == "ptuning" and params["init"] == "random":
         return lama_template(params["prompt_shape"], causal)
     if method == "finetune":
         return "{sub} [Y]"
@@ -107,7 +109,11 @@ def plan(params: dict) -> list[TaskPlan]:
         raise ValueError(f"unknown LAMA vocabulary {params['vocab']!r}; choose one of {', '.join(VOCABS)}")
     if params["encoder"] not in ENCODERS:
         raise ValueError(f"unknown prompt encoder {params['encoder']!r}; choose one of {', '.join(ENCODERS)}")
+    if params["init"] not in INITS:
+        raise ValueError(f"unknown prompt init {params['init']!r}; choose one of {', '.join(INITS)}")
     if params.get("template"):
+        if params["init"] == "manual":
+            raise ValueError("init=manual derives the prompt from each relation's manual prompt: set template=null")
         parse_template(params["template"], fields=("sub",))
     relations = relations_of(params["task"])
     check_model(params["model"])
@@ -156,6 +162,14 @@ class RelationData:
     template: Template
     splits: dict[str, list[Fact]]  # train / dev / test facts whose answer is one token of the model
     dropped: dict[str, int]        # facts per split whose answer is not
+    init_ids: list[int] | None = None  # the tokens whose embeddings the prompt starts from (init=manual)
+
+
+def new_encoder(data: RelationData, lm, kind: str) -> PromptEncoder:
+    """The relation's prompt encoder: random, or (init=manual) starting from its manual prompt's word embeddings."""
+    embeddings = lm.model.get_input_embeddings().weight
+    init = embeddings[data.init_ids].detach().float().cpu() if data.init_ids else None
+    return PromptEncoder(data.template.n_prompt_tokens, embeddings.shape[1], kind, init=init)
 
 
 def load_relation(relation: str, lm, params: dict, candidates: Candidates, method: str | None = None) -> RelationData:
@@ -165,6 +179,10 @@ def load_relation(relation: str, lm, params: dict, candidates: Candidates, metho
     if not split_dir.is_dir():
         raise DataError(f"no prepared facts for {relation} in {split_dir.parent}: run `dvc repro prepare_lama`")
     template = parse_template(template_for(method, relation, lm.causal, params, data_dir), fields=("sub",))
+    init_ids = None
+    if method == "ptuning" and params["init"] == "manual":  # the manual prompt's words become continuous tokens
+        text, init_ids = prompt_from_anchors(template, lm.tokenizer, lm.causal)
+        template = parse_template(text, fields=("sub",))
     index = {w: i for i, w in enumerate(candidates.words)}
     splits, dropped = {}, {}
     for split in ("train", "dev", "test"):
@@ -180,7 +198,7 @@ def load_relation(relation: str, lm, params: dict, candidates: Candidates, metho
     if method in TRAINED and (not splits["train"] or not splits["dev"]):
         raise DataError(f"relation {relation}: training needs train and dev facts, found "
                         f"{len(splits['train'])} / {len(splits['dev'])}")
-    return RelationData(relation, template, splits, dropped)
+    return RelationData(relation, template, splits, dropped, init_ids)
 
 
 def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: list[Callback] = ()) -> RelationResult:
@@ -191,8 +209,7 @@ def run_relation(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: 
     template, splits, candidate_ids = data.template, data.splits, candidates.ids
 
     seed_everything(config.seed if config else params["train"]["seed"])
-    prompt = (PromptEncoder(template.n_prompt_tokens, lm.model.get_input_embeddings().embedding_dim, params["encoder"])
-              if template.n_prompt_tokens else None)
+    prompt = new_encoder(data, lm, params["encoder"]) if template.n_prompt_tokens else None
     model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=method in ("manual", "ptuning"))
     pad, eval_bs = pad_id(lm.tokenizer), params["eval_batch_size"]
     evaluate = lambda m: {"dev.p1": precision_at_1(m, splits["dev"], candidate_ids, pad, eval_bs)}

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from components.benchmarks.lama.run import Candidates, Fact, RelationData, load_relation, precision_at_1
-from components.method.model import PromptEncoder, PromptedLM
+from components.benchmarks.lama.run import Candidates, Fact, RelationData, load_relation, new_encoder, precision_at_1
+from components.method.model import PromptedLM
 from components.method.templates import collate, pad_id
 from components.training import (TrainConfig, improved, length_batches, make_accelerator, make_optimizer,
                                  make_schedule, seed_everything)
@@ -62,11 +62,11 @@ class JobResult:
 class _Job:
     """One prompt's training state; the same bookkeeping as `fit` for a single relation."""
 
-    def __init__(self, job: Job, dim: int, device):
+    def __init__(self, job: Job, lm, device):
         key, data, config, encoder_kind = job.key, job.data, job.config, job.encoder
         self.key, self.data, self.config = key, data, config
         seed_everything(config.seed)  # as run_relation: the encoder's initialisation depends on the seed only
-        self.encoder = PromptEncoder(data.template.n_prompt_tokens, dim, encoder_kind).to(device)
+        self.encoder = new_encoder(data, lm, encoder_kind).to(device)
         self.optimizer = make_optimizer(self.encoder, config)
         self.lengths = [len(f.encoded.input_ids) for f in data.splits["train"]]
         self.steps_per_epoch = math.ceil(len(self.lengths) / config.batch_size)
@@ -164,11 +164,13 @@ def train_shared(
     on_job_end: Callable[[JobResult], None] | None = None,
     on_progress: Callable[[dict], None] | None = None,
     show_progress: bool = True,
+    test: bool = True,
 ) -> tuple[list[JobResult], dict]:
     """Train every job; at most `pool` jobs share a step, whose rows go through the LM `lm_batch` at a time
     (precision: the first job's setting). Calls `on_job_end`
     as each job finishes (to save it: a killed run keeps what finished) and `on_progress` after every shared
-    step. Returns the results and timing figures (seconds training, evaluating dev and test; examples)."""
+    step. Returns the results and timing figures (seconds training, evaluating dev and test; examples).
+    test=False: no test P@1 (nan), for choosing a recipe on dev alone."""
     from tqdm import tqdm
 
     if pool < 1 or lm_batch < 1:
@@ -178,7 +180,7 @@ def train_shared(
     lm.model.to(device)
     model = PromptedLM(lm.model, None, lm.causal, freeze_lm=True)
     model.train()  # the frozen LM stays in eval mode (no dropout); only the encoders train
-    pad, dim, candidates = pad_id(lm.tokenizer), model.embedding_dim, candidate_ids.to(device)
+    pad, candidates = pad_id(lm.tokenizer), candidate_ids.to(device)
     queue = list(jobs)
     active: list[_Job] = []
     results: list[JobResult] = []
@@ -188,7 +190,7 @@ def train_shared(
 
     def admit():
         while queue and len(active) < pool:
-            active.append(_Job(queue.pop(0), dim, device))
+            active.append(_Job(queue.pop(0), lm, device))
 
     admit()
     bar = tqdm(total=sum(j.total_steps for j in active) + sum(map(_planned_steps, queue)), unit="step",
@@ -220,7 +222,7 @@ def train_shared(
         for job in finished:
             active.remove(job)
             t0 = time.time()
-            result = _finish(job, model, lm, candidates, pad, eval_batch_size, accelerator)
+            result = _finish(job, model, lm, candidates, pad, eval_batch_size, accelerator, test)
             timing["test_eval_s"] += time.time() - t0
             results.append(result)
             bar.update(job.total_steps - job.step)  # steps it will not take: the ETA counts only what is left
@@ -263,11 +265,11 @@ def _dev_p1(jobs: list[_Job], model: PromptedLM, pad: int, device, candidates, b
     return [hits[job] / len(job.data.splits["dev"]) for job in jobs]
 
 
-def _finish(job: _Job, model: PromptedLM, lm, candidates, pad: int, batch_size: int, accelerator) -> JobResult:
+def _finish(job: _Job, model: PromptedLM, lm, candidates, pad: int, batch_size: int, accelerator, test: bool) -> JobResult:
     job.encoder.load_state_dict(job.best_state)
     alone = PromptedLM(lm.model, job.encoder, lm.causal, freeze_lm=True)
     with accelerator.autocast():
-        test_p1 = precision_at_1(alone, job.data.splits["test"], candidates, pad, batch_size)
+        test_p1 = precision_at_1(alone, job.data.splits["test"], candidates, pad, batch_size) if test else math.nan
     return JobResult(job.key, job.data.relation, job.config.seed, job.best["dev.p1"], test_p1, job.step,
                      job.best_step, job.stopped_early, job.history, time.time() - job.started,
                      {k: v.cpu() for k, v in job.best_state.items()})
