@@ -69,6 +69,15 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     assert again["methods"]["ptuning"]["timing"]["train_examples"] == 4 * 8  # one prompt, 4 steps
     assert [p for p in units if p.exists() and p.stat().st_mtime_ns != kept[p]] == [out / "units" / "ptuning" / "P1376-s35.json"]
 
+    # a prompt whose dev P@1 stayed at 0 is named with its seed, whichever seed it is
+    for seed, dev in ((34, 0.5), (35, 0.0)):
+        unit = out / "units" / "ptuning" / f"P36-s{seed}.json"
+        saved = json.loads(unit.read_text())
+        unit.write_text(json.dumps({**saved, "history": [{**h, "dev.p1": dev} for h in saved["history"]]}))
+    assert _report(out, small_lama) == 0
+    stuck = json.loads((out / "results.json").read_text())["methods"]["ptuning"]["relations"]["P36"]
+    assert stuck["seeds_dev_always_0"] == [35] and "P36 (seed 35)" in (out / "REPORT.md").read_text()
+
     # other settings: the units are not reused
     assert _report(out, small_lama, "--set", "train.lr=0.002") == 0
     assert all(p.stat().st_mtime_ns != kept[p] for p in units if "ptuning" in p.parts)

@@ -102,12 +102,15 @@ def test_the_recipe_sweep_ranks_recipes_on_dev_and_never_scores_test(small_lama,
     monkeypatch.setattr("components.benchmarks.lama.shared.precision_at_1",
                         lambda model, facts, *a: scored.append(facts) or real(model, facts, *a))
     out = tmp_path / "SWEEP.md"
-    assert sweep.main(["--model", "tiny-gpt2", "--relations", "P36,P1376", "--recipes", "lstm/random/1e-3,none/manual/3e-3",
+    assert sweep.main(["--model", "tiny-gpt2", "--relations", "P36,P1376", "--recipes", "lstm/random/1e-3,none/manual/3e-3/train.length_bucketing=false",
                        "--steps", "4", "--eval-every", "2", "--out", str(out), "--data-dir", str(small_lama)]) == 0
     assert scored == []  # the sweep's jobs are never scored on test
     rows = [line for line in out.read_text().splitlines() if line.startswith("| lstm") or line.startswith("| none")]
     means = [float(re.search(r"\*\*([\d.]+)\*\*", row).group(1)) for row in rows]
     assert len(rows) == 2 and means == sorted(means, reverse=True)  # best mean dev P@1 first
-    assert "--recipes lstm/random/1e-3,none/manual/3e-3" in out.read_text()  # the exact command
+    assert "--recipes lstm/random/1e-3,none/manual/3e-3/train.length_bucketing=false" in out.read_text()  # the exact command
+    assert sum("| train.length_bucketing=False |" in row for row in rows) == 1  # a recipe's further settings, shown
     with pytest.raises(SystemExit, match="is not encoder/init/lr"):
         sweep.main(["--recipes", "lstm/3e-4"])
+    with pytest.raises(SystemExit, match="is not encoder/init/lr"):
+        sweep.main(["--recipes", "lstm/random/3e-4/length_bucketing"])

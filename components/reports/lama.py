@@ -72,12 +72,12 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
     store = UnitStore(report.output_dir / "units")
     on_gpu = torch.cuda.is_available()
     lm_subset = tuple(r for r in report.relations if on_gpu or r in settings["cpu_lm_trained_relations"])
-    keys, configs = {}, {}
+    keys = {}
     for method in report.methods:
         t0 = time.time()
         relations = lm_subset if method in LM_TRAINED else report.relations
         seeds = (None,) if method == "manual" else report.seeds
-        base = configs[method] = report.config(settings, method, report.seeds[0], root)
+        base = report.config(settings, method, report.seeds[0], root)
         # P-tuning's results come from the shared trainer: its code counts too
         key = keys[method] = UnitKey(base, **({"shared_trainer": stable_hash(Path(shared.__file__).read_text())}
                                               if method == "ptuning" else {}))
@@ -88,7 +88,7 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
             store.add_timing(method, t0, key.settings, runner(report, settings, base, method, todo, store, key, root,
                                                               show_progress, on_progress))
     results = _aggregate(report, settings, store, keys, lm_subset, on_gpu)
-    results["provenance"] = provenance(configs)
+    results["provenance"] = provenance(keys)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
     _figures(report, results, store)
@@ -170,7 +170,10 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_
                 "dev_p1": mean_std([u["dev_p1"] for u in found])[0] if found[0]["dev_p1"] is not None else None,
                 "steps": mean_std([u["steps"] for u in found])[0], "seconds": sum(u["seconds"] for u in found),
                 "n_test": found[0]["n_test"], "test_p1_by_seed": {str(u["seed"]): u["test_p1"] for u in found},
-                "dev_curve": [(h["step"], h["dev.p1"]) for h in found[0]["history"]]}
+                "dev_curve": [(h["step"], h["dev.p1"]) for h in found[0]["history"]],
+                # seeds whose prompt never got one dev fact right: a failed training, not a small gain
+                "seeds_dev_always_0": [u["seed"] for u in found
+                                       if u["history"] and not any(h["dev.p1"] for h in u["history"])]}
         entry = {"n_relations": len(relations), "relations_run": list(wanted), "seeds": seeds if seeds != [None] else [],
                  "relations": relations, "timing": timings.get(method, {})}
         if relations:
@@ -261,9 +264,10 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
             lines += ["", "## Where P-tuning gains", "", f"Most: {fmt(gains[:5])}.", "",
                       f"Least: {fmt(gains[::-1][:5])}.", "",
                       f"P-tuning beats the manual prompt on {sum(g > 0 for g, _ in gains)} of {len(gains)} relations."]
-        stuck = [r for r in both if not any(p for _, p in methods["ptuning"]["relations"][r]["dev_curve"])]
-        if stuck:  # a prompt that never got one dev fact right: a failed training, not a small gain
-            lines += ["", f"P-tuning's dev P@1 stayed at 0 at every evaluation on {', '.join(stuck)}."]
+        stuck = [f"{r} (seed {s})" for r in both for s in methods["ptuning"]["relations"][r]["seeds_dev_always_0"]]
+        if stuck:
+            lines += ["", f"P-tuning's dev P@1 stayed at 0 at every evaluation, a failed training rather than a small "
+                          f"gain, for {len(stuck)} of {len(both) * len(report.seeds)} prompts: {', '.join(stuck)}."]
     lines += ["", "## Per relation", "", "| relation | n test | " + " | ".join(METHOD_NAMES[m] for m in report.methods)
               + " | P-tuning dev | P-tuning steps |", "|---" * (len(report.methods) + 4) + "|"]
     for relation in report.relations:

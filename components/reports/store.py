@@ -96,15 +96,11 @@ class UnitKey:
         return stable_hash({**self.fingerprint, "relation": task, "seed": seed})
 
 
-def provenance(configs: dict) -> dict:
-    """Per method, what its units are keyed on: the resolved parameters (without the task list) and the code and
-    data versions (components/run_config.py). Units of other values are recomputed, never reused."""
-    out = {}
-    for method, config in configs.items():
-        fingerprint = config.fingerprint()
-        out[method] = {"params": {k: v for k, v in fingerprint["params"].items() if k != "task"},
-                       "code_version": fingerprint["code_version"], "data_version": fingerprint["data_version"]}
-    return out
+def provenance(keys: dict[str, UnitKey]) -> dict:
+    """Per method, what its units are keyed on (its UnitKey's fingerprint): the resolved parameters (without the
+    task list), the code and data versions (components/run_config.py) and any extra the method is keyed on. Units
+    of other values are recomputed, never reused."""
+    return {method: dict(key.fingerprint) for method, key in keys.items()}
 
 
 def versions_line(provenance: dict) -> str:

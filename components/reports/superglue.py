@@ -80,10 +80,9 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
 
     started = time.time()
     store = UnitStore(report.output_dir / "units")
-    keys, configs, todo = {}, {}, []
+    keys, todo = {}, []
     for method in report.methods:
-        configs[method] = report.config(settings, method, report.seeds[0], root)
-        keys[method] = UnitKey(configs[method])
+        keys[method] = UnitKey(report.config(settings, method, report.seeds[0], root))
         seeds = report.seeds if METHODS[method].trains else (None,)
         todo += [(method, t, s) for t, s in store.missing(method, [(t, s) for s in seeds for t in report.tasks], keys[method])]
     log.info("%d units to run", len(todo))
@@ -109,7 +108,7 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
             on_progress({"done": i + 1, "total": len(todo)})
     bar.close()
     results = _aggregate(report, settings, store, keys, root)
-    results["provenance"] = provenance(configs)
+    results["provenance"] = provenance(keys)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
     _figures(report, results)

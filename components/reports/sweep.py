@@ -9,17 +9,19 @@ import time
 from pathlib import Path
 
 from components.benchmarks.lama import shared
+from components.config import parse_pairs
 from components.reports.store import write_atomic
 from components.run_config import resolve
 
 
-def _recipe(text: str) -> tuple[str, str, float]:
-    """"lstm/random/3e-4" -> ("lstm", "random", 0.0003): encoder, init, learning rate."""
+def _recipe(text: str) -> tuple[str, str, float, tuple]:
+    """"lstm/random/3e-4" -> ("lstm", "random", 0.0003, ()): encoder, init, learning rate, and any further
+    params/lama.yaml settings as key=value ("lstm/random/3e-4/train.length_bucketing=false")."""
     try:
-        encoder, init, lr = text.split("/")
-        return encoder, init, float(lr)
+        encoder, init, lr, *more = text.split("/")
+        return encoder, init, float(lr), tuple(parse_pairs(more, flag="--recipes").items())
     except ValueError:
-        raise SystemExit(f"--recipes: {text!r} is not encoder/init/lr (e.g. lstm/random/3e-4)") from None
+        raise SystemExit(f"--recipes: {text!r} is not encoder/init/lr[/key=value...] (e.g. lstm/random/3e-4)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relations", default="P101,P19,P1001")
     p.add_argument("--recipes", default="lstm/random/3e-4,lstm/manual/3e-4,none/manual/1e-3,none/manual/3e-3",
                    help="comma list of encoder/init/lr (init random: the paper's shape; manual: the manual prompt's "
-                        "words as continuous tokens, OptiPrompt's initialisation)")
+                        "words as continuous tokens, OptiPrompt's initialisation), then any params/lama.yaml "
+                        "settings as /key=value")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--patience", type=int, default=4)
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "encoder": recipe[0], "init": recipe[1], "train.lr": recipe[2],
                                         "train.max_steps": args.steps, "train.eval_every": args.eval_every,
                                         "train.patience": args.patience,
-                                        **({"data_dir": args.data_dir} if args.data_dir else {})}) for recipe in recipes}
+                                        **({"data_dir": args.data_dir} if args.data_dir else {}), **dict(recipe[3])})
+               for recipe in recipes}
     lm = load_lm(args.model)
     data = {recipe: shared.load_relations(relations, lm, config.params) for recipe, config in configs.items()}
     candidates = next(iter(data.values()))[1]
@@ -63,14 +67,15 @@ def main(argv: list[str] | None = None) -> int:
              "prompt with its words as continuous tokens starting from their embeddings (OptiPrompt). Best dev P@1 (%) "
              "per relation (its step), the mean, and the mean dev P@1 at each evaluation (a relation that stopped "
              "early counts with its best). The recipe is the best mean.", "",
-             "| encoder | init | lr | " + " | ".join(relations) + " | mean dev P@1 | " +
-             " | ".join(f"@{s}" for s in evals) + " |", "|---" * (len(relations) + 4 + len(evals)) + "|"]
+             "| encoder | init | lr | other settings | " + " | ".join(relations) + " | mean dev P@1 | " +
+             " | ".join(f"@{s}" for s in evals) + " |", "|---" * (len(relations) + 5 + len(evals)) + "|"]
     rows = []
     for recipe in recipes:
         found = [by_key[f"{recipe}/{r}"] for r in relations]
         mean = sum(f.dev_p1 for f in found) / len(found)
         at_step = [sum(_best_until(f.history, s) for f in found) / len(found) for s in evals]
-        rows.append((mean, f"| {recipe[0]} | {recipe[1]} | {recipe[2]:g} | "
+        other = ", ".join(f"{k}={v}" for k, v in recipe[3]) or "–"
+        rows.append((mean, f"| {recipe[0]} | {recipe[1]} | {recipe[2]:g} | {other} | "
                      + " | ".join(f"{100 * f.dev_p1:.1f} ({f.best_step})" for f in found)
                      + f" | **{100 * mean:.1f}** | " + " | ".join(f"{100 * v:.1f}" for v in at_step) + " |"))
     lines += [row for _, row in sorted(rows, reverse=True)]
