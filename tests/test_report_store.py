@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from components.reports.store import UnitStore, methods_and_seeds, report_dir, scratch_dir
+from components.reports.store import Clock, UnitStore, methods_and_seeds, report_dir, scratch_dir
 
 
 def test_only_units_of_the_current_settings_count(tmp_path):
@@ -38,8 +38,22 @@ def test_timings_add_up_over_invocations_of_the_same_settings(tmp_path):
     first = store.timings["manual"]["seconds"]
     store.add_timing("manual", started, "settings-a", figures={"examples_per_s": 3.0})
     assert store.timings["manual"]["seconds"] >= first + 10 and store.timings["manual"]["examples_per_s"] == 3.0
+    store.add_timing("manual", time.time() - 1, "settings-a")  # a tick without figures keeps the earlier ones
+    assert store.timings["manual"]["examples_per_s"] == 3.0
     store.add_timing("manual", time.time() - 1, "settings-b")  # other settings recompute every unit: a new count
-    assert 1 <= store.timings["manual"]["seconds"] < 10
+    assert 1 <= store.timings["manual"]["seconds"] < 10 and "examples_per_s" not in store.timings["manual"]
+
+
+def test_a_clock_keeps_the_time_of_every_finished_unit_when_the_run_stops_before_its_end(tmp_path):
+    store = UnitStore(tmp_path)
+    clock = Clock(store, "ptuning", "settings-a")
+    clock.last -= 5  # the first unit took 5 s
+    clock.tick()  # ... and the run is then killed before its final tick
+    assert 5 <= store.timings["ptuning"]["seconds"] < 6
+    again = Clock(store, "ptuning", "settings-a")  # the resumed run adds to it
+    again.last -= 3
+    again.tick({"examples_per_s": 2.0})
+    assert 8 <= store.timings["ptuning"]["seconds"] < 9 and store.timings["ptuning"]["examples_per_s"] == 2.0
 
 
 @pytest.mark.parametrize("methods, seeds, message", [

@@ -23,7 +23,7 @@ from components.benchmarks.lama import shared
 from components.benchmarks.lama.run import relations_of, run_relation
 from components.common import remove_checkpoints, stable_hash
 from components.reports.figures import curves, grouped_bars
-from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
+from components.reports.store import (Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
                                       scratch_dir, versions_line, write_atomic)
 from components.run_config import resolve
 
@@ -74,7 +74,6 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
     lm_subset = tuple(r for r in report.relations if on_gpu or r in settings["cpu_lm_trained_relations"])
     keys = {}
     for method in report.methods:
-        t0 = time.time()
         relations = lm_subset if method in LM_TRAINED else report.relations
         seeds = (None,) if method == "manual" else report.seeds
         base = report.config(settings, method, report.seeds[0], root)
@@ -85,8 +84,8 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
         log.info("%s: %d of %d units to run", method, len(todo), len(relations) * len(seeds))
         if todo:
             runner = _run_ptuning if method == "ptuning" else _run_one_by_one
-            store.add_timing(method, t0, key.settings, runner(report, settings, base, method, todo, store, key, root,
-                                                              show_progress, on_progress))
+            clock = Clock(store, method, key.settings)
+            clock.tick(runner(report, settings, base, method, todo, store, key, clock, root, show_progress, on_progress))
     results = _aggregate(report, settings, store, keys, lm_subset, on_gpu)
     results["provenance"] = provenance(keys)
     results["wall_s_this_invocation"] = time.time() - started
@@ -101,7 +100,7 @@ def headline(results: dict) -> dict[str, float]:
     return {f"{m}.macro_test_p1": v["macro_test_p1"] for m, v in results["methods"].items() if "macro_test_p1" in v}
 
 
-def _run_one_by_one(report, settings, base, method, todo, store, key, root, show_progress, on_progress) -> dict:
+def _run_one_by_one(report, settings, base, method, todo, store, key, clock, root, show_progress, on_progress) -> dict:
     """MP (one LM for every relation) and FT / MP+FT (a fresh LM per relation and seed)."""
     from tqdm import tqdm
 
@@ -123,12 +122,13 @@ def _run_one_by_one(report, settings, base, method, todo, store, key, root, show
             "relation": relation, "test_p1": result.test_p1, "dev_p1": result.dev_p1, "steps": result.steps,
             "n_train": result.n_train, "n_test": result.n_test, "dropped": result.dropped,
             "history": result.history, "seconds": time.time() - t0})
+        clock.tick()
         if on_progress is not None:
             on_progress({"method": method, "done": i + 1, "total": len(todo)})
     return {}
 
 
-def _run_ptuning(report, settings, base, method, todo, store, key, root, show_progress, on_progress) -> dict:
+def _run_ptuning(report, settings, base, method, todo, store, key, clock, root, show_progress, on_progress) -> dict:
     """Every missing (relation, seed) prompt in one shared-batch training over one frozen LM."""
     from components.models.catalog import load_lm
 
@@ -146,6 +146,7 @@ def _run_ptuning(report, settings, base, method, todo, store, key, root, show_pr
             "best_step": result.best_step, "stopped_early": result.stopped_early,
             "n_train": len(data.splits["train"]), "n_test": len(data.splits["test"]), "dropped": data.dropped,
             "history": result.history, "seconds": result.seconds})
+        clock.tick()
 
     progress = (lambda p: on_progress({"method": method, **p})) if on_progress else None
     _, timing = shared.train_shared(lm, jobs, candidate_ids, pool=settings["pool"], lm_batch=settings["lm_batch"],

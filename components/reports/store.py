@@ -54,13 +54,26 @@ class UnitStore:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def add_timing(self, method: str, started: float, settings: str, figures: dict | None = None) -> None:
-        """Add the seconds since `started` to the method's time under `settings` (a `UnitKey.settings`): a run of
-        other settings recomputes every unit, so it starts the count afresh."""
+        """Add the seconds since `started` to the method's time under `settings` (a `UnitKey.settings`), and
+        `figures` over its earlier ones: a run of other settings recomputes every unit, so it starts afresh."""
         timings = self.timings
-        before = timings.get(method, {})
-        seconds = (before.get("seconds", 0.0) if before.get("settings") == settings else 0.0) + time.time() - started
-        timings[method] = {**(figures or {}), "seconds": seconds, "settings": settings}
+        before = timings.get(method, {}) if timings.get(method, {}).get("settings") == settings else {}
+        seconds = before.get("seconds", 0.0) + time.time() - started
+        timings[method] = {**before, **(figures or {}), "seconds": seconds, "settings": settings}
         write_atomic(self.root / "timing.json", json.dumps(timings, indent=1))
+
+
+class Clock:
+    """A method's time in timing.json, added at every `tick` (each finished unit): a run stopped before its end
+    keeps its time up to its last finished unit."""
+
+    def __init__(self, store: UnitStore, method: str, settings: str):
+        self.store, self.method, self.settings, self.last = store, method, settings, time.time()
+
+    def tick(self, figures: dict | None = None) -> None:
+        now = time.time()
+        self.store.add_timing(self.method, self.last, self.settings, figures)
+        self.last = now
 
 
 def report_dir(root: Path, benchmark: str, name: str, params: dict) -> Path:
