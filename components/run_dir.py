@@ -64,8 +64,8 @@ def _empty(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def claim(directory: str | Path, fingerprint: dict, restart: bool = False):
-    """Hold `directory` for a run with `fingerprint` (JSON-able) while the block runs; see the module doc."""
+def hold(directory: str | Path):
+    """`directory`'s lock while the block runs (a run's, a report's): a second process gets RunDirBusy at once."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(directory / LOCK), timeout=0)
@@ -75,6 +75,15 @@ def claim(directory: str | Path, fingerprint: dict, restart: bool = False):
         raise RunDirBusy(f"{directory} is in use by another ptuning process: wait for it, or choose another "
                          "--output-dir") from None
     try:
+        yield directory
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def claim(directory: str | Path, fingerprint: dict, restart: bool = False):
+    """Hold `directory` for a run with `fingerprint` (JSON-able) while the block runs; see the module doc."""
+    with hold(directory) as directory:
         fingerprint = json.loads(json.dumps(fingerprint, default=str))
         recorded = recorded_fingerprint(directory)
         leftovers = [e.name for e in directory.iterdir() if e.name not in (LOCK, FINGERPRINT)]
@@ -89,8 +98,6 @@ def claim(directory: str | Path, fingerprint: dict, restart: bool = False):
                                  "to discard it")
         atomic_write(directory / FINGERPRINT, json.dumps(fingerprint, indent=2, sort_keys=True))
         yield directory
-    finally:
-        lock.release()
 
 
 def mark_done(directory: Path) -> None:

@@ -78,6 +78,15 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     stuck = json.loads((out / "results.json").read_text())["methods"]["ptuning"]["relations"]["P36"]
     assert stuck["seeds_dev_always_0"] == [35] and "P36 (seed 35)" in (out / "REPORT.md").read_text()
 
+    # a run of fewer seeds reuses their units (a unit's key holds its own seed, not the run's first one) ...
+    kept = {p: p.stat().st_mtime_ns for p in units}
+    assert _report(out, small_lama, "--seeds", "35") == 0
+    assert all(p.stat().st_mtime_ns == kept[p] for p in units)
+    # ... and a run of one method leaves no stale figure of the others behind
+    assert _report(out, small_lama, "--methods", "manual") == 0
+    assert not (out / "learning_curves.png").exists() and "learning_curves.png" not in (out / "REPORT.md").read_text()
+    assert "![macro](macro.png)" in (out / "REPORT.md").read_text()
+
     # other settings: the units are not reused
     assert _report(out, small_lama, "--set", "train.lr=0.002") == 0
     assert all(p.stat().st_mtime_ns != kept[p] for p in units if "ptuning" in p.parts)
@@ -88,6 +97,8 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     (["--relations", "P999"], "unknown LAMA relation"),
     (["--set", "train.lr=-1"], "invalid training settings"),
     (["--preset", "nope"], "unknown preset 'nope'; known: paper"),
+    (["--seeds", "34,35,34"], "seeds repeated in the report's list: 34"),
+    (["--relations", "P19,P36,P19"], "relations repeated in the report's list: P19"),
 ])
 def test_bad_report_input_fails_before_anything_runs(args, message, small_lama, tmp_path, capsys):
     out = tmp_path / "report"
@@ -106,6 +117,21 @@ def test_a_preset_table_goes_to_its_own_folder_with_the_presets_settings(repo_di
     assert report.output_dir == repo_dir / "reports" / "lama" / "tiny-gpt2-preset-paper"
     train = report.config(settings, "ptuning", 34, repo_dir).params["train"]
     assert (train["lr"], train["max_steps"], train["patience"]) == (1e-5, None, 20)
+
+
+def test_the_other_vocabulary_is_a_table_of_its_own(repo_dir):
+    """`--vocab 34k` never recomputes (and overwrites) the default LAMA-29k table's units."""
+    from components.config import load_params
+    from components.reports import get_report
+
+    settings = load_params("report", repo_dir)["lama"]
+    make = lambda vocab: get_report("lama").Report.from_settings(settings, "tiny-gpt2", "ptuning report lama", repo_dir,
+                                                                 option=vocab)
+    assert make(None).output_dir == make("29k").output_dir == repo_dir / "reports" / "lama" / "tiny-gpt2"
+    assert make("34k").output_dir == repo_dir / "reports" / "lama" / "tiny-gpt2-vocab-34k"
+    with pytest.raises(ValueError, match="unknown LAMA relation"):  # the CPU subset is checked up front too
+        get_report("lama").Report.from_settings({**settings, "cpu_lm_trained_relations": ["P1O3"]}, "tiny-gpt2",
+                                                "ptuning report lama", repo_dir)
 
 
 def _superglue(out, data_dir, *extra):
@@ -133,6 +159,9 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     assert results["command"] in report and "| **P-tuning (ours)** |" in report
     assert "P-tuning, albert-xxlarge-v2 (paper) | 76.5 | 92.9 / 92.3 | 36.1 / 75.0 |" in report
     assert "first 8 val examples" in report
+    # what the runs selected on, as their units record it, and the command's overrides of the budget
+    assert "keep the state best on dev32 and are scored on SuperGLUE val" in report and "| dev32 score |" in report
+    assert '"train.max_steps": 2' in report.split("## Val scores")[0]
     assert f"Library code version {results['provenance']['ptuning']['code_version']}" in report
     for figure in ("tasks.png", "learning_curves.png", "macro.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from components.reports.store import Clock, UnitStore, methods_and_seeds, report_dir, scratch_dir
+from components.run_dir import RunDirBusy
+from components.reports.store import Clock, UnitKey, UnitStore, methods_and_seeds, report_dir, scratch_dir
 
 
 def test_only_units_of_the_current_settings_count(tmp_path):
@@ -59,9 +60,40 @@ def test_a_clock_keeps_the_time_of_every_finished_unit_when_the_run_stops_before
 @pytest.mark.parametrize("methods, seeds, message", [
     (["ptuning", "zero-shot"], None, "unknown report method(s) ['zero-shot']"),
     (None, [], "a report needs at least one seed"),
+    (None, [34, 35, 34], "seeds repeated in the report's list: 34"),
 ])
 def test_bad_methods_or_seeds(methods, seeds, message):
     settings = {"methods": ["ptuning"], "seeds": []}
     with pytest.raises(ValueError, match=re.escape(message)):
         methods_and_seeds(settings, methods, seeds, {"ptuning": "P-tuning"})
     assert methods_and_seeds(settings, None, [34], {"ptuning": "P-tuning"}) == (("ptuning",), (34,))
+
+
+def test_a_units_key_does_not_depend_on_the_runs_first_seed(repo_dir):
+    """`--seeds 35,36` reuses the seed-35 and seed-36 units of a `--seeds 34,35,36` run; other settings do not."""
+    from components.run_config import resolve
+
+    config = lambda **given: resolve("lama", {"model": "tiny-gpt2", "method": "ptuning", "task": "P19", **given}, repo_dir)
+    first_34, first_35 = UnitKey(config(**{"train.seed": 34})), UnitKey(config(**{"train.seed": 35}))
+    assert first_34("P19", 35) == first_35("P19", 35) and first_34.settings == first_35.settings
+    assert first_34("P19", 35) != first_34("P19", 36) != first_34("P36", 36)
+    assert UnitKey(config(**{"train.lr": 0.002}))("P19", 35) != first_34("P19", 35)
+    assert first_34.fingerprint["device"] in ("cpu", "cuda")  # bf16 on a GPU, fp32 on a CPU: never mixed
+
+
+def test_a_second_run_on_the_same_report_folder_stops_at_once(tmp_path):
+    store = UnitStore(tmp_path / "units")
+    with store.lock():
+        with pytest.raises(RunDirBusy, match="is in use by another ptuning process"):
+            with UnitStore(tmp_path / "units").lock():
+                pass
+    with UnitStore(tmp_path / "units").lock():  # released when the first run ends
+        pass
+
+
+def test_a_reports_time_counts_only_its_methods_under_their_current_settings(tmp_path):
+    store = UnitStore(tmp_path)
+    for method, settings in (("manual", "a"), ("ptuning", "old"), ("finetune", "a")):
+        store.add_timing(method, time.time() - 10, settings)
+    keys = {"manual": type("Key", (), {"settings": "a"}), "ptuning": type("Key", (), {"settings": "new"})}
+    assert list(store.timings_of(keys)) == ["manual"]

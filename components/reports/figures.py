@@ -9,6 +9,19 @@ matplotlib.use("Agg")  # no display: DVC stages, flows, CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def clear(out: Path, figures: dict[str, str]) -> None:
+    """Remove a report's earlier figures before drawing: one this run has no figures for (a `--methods` subset
+    run, say) is then absent rather than a stale picture of other runs."""
+    for name in figures:
+        (out / name).unlink(missing_ok=True)
+
+
+def section(out: Path, figures: dict[str, str]) -> list[str]:
+    """REPORT.md's figure links (file name -> caption), for the figures this run drew."""
+    return ["## Figures", ""] + [line for name, caption in figures.items() if (out / name).exists()
+                                 for line in (f"![{caption}]({name})", "")]
+
+
 def grouped_bars(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str,
                  errors: dict[str, list[float]] | None = None) -> Path:
     """One group of bars per label, one bar per series (e.g. per relation: manual vs P-tuning)."""

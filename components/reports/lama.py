@@ -22,9 +22,9 @@ from components.benchmarks import TaskPlan
 from components.benchmarks.lama import shared
 from components.benchmarks.lama.run import relations_of, run_relation
 from components.common import remove_checkpoints, stable_hash
-from components.reports.figures import curves, grouped_bars
+from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      scratch_dir, versions_line, write_atomic)
+                                      overrides_line, scratch_dir, unique, versions_line, write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,13 @@ class Report:
         """The report's settings (params/report.yaml `lama:`) with the command line's choices over them
         (`option`: the vocabulary, `tasks`: the relations); every bad value fails here, before anything runs."""
         methods, seeds = methods_and_seeds(settings, methods, seeds, METHOD_NAMES)
-        relations = tuple(relations_of(tasks or settings["relations"]))
-        out = Path(output_dir) if output_dir else report_dir(root, "lama", model, params or {})
-        report = cls(model, option or settings["vocab"], seeds, relations, methods, out, command,
-                     tuple(sorted((params or {}).items())))
+        relations = tuple(unique(relations_of(tasks or settings["relations"]), "relation"))
+        relations_of(",".join(settings["cpu_lm_trained_relations"]))  # a typo there would quietly drop FT's table
+        vocab = option or settings["vocab"]
+        # another vocabulary is another table: a folder of its own, never the default table's units
+        folder = {**({"vocab": vocab} if vocab != settings["vocab"] else {}), **(params or {})}
+        out = Path(output_dir) if output_dir else report_dir(root, "lama", model, folder)
+        report = cls(model, vocab, seeds, relations, methods, out, command, tuple(sorted((params or {}).items())))
         for method in methods:  # params/lama.yaml + overrides, validated by the benchmark (model, vocab, training)
             report.config(settings, method, seeds[0], root)
         return report
@@ -68,8 +71,12 @@ class Report:
 def run_report(report: Report, settings: dict, root: Path, show_progress: bool = True,
                on_progress: Callable[[dict], None] | None = None) -> dict:
     """Run what is missing, then write results.json, REPORT.md and the figures; returns results.json's dict."""
+    with UnitStore(report.output_dir / "units").lock() as store:
+        return _run_locked(report, settings, root, store, show_progress, on_progress)
+
+
+def _run_locked(report, settings, root, store, show_progress, on_progress) -> dict:
     started = time.time()
-    store = UnitStore(report.output_dir / "units")
     on_gpu = torch.cuda.is_available()
     lm_subset = tuple(r for r in report.relations if on_gpu or r in settings["cpu_lm_trained_relations"])
     keys = {}
@@ -77,9 +84,10 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
         relations = lm_subset if method in LM_TRAINED else report.relations
         seeds = (None,) if method == "manual" else report.seeds
         base = report.config(settings, method, report.seeds[0], root)
-        # P-tuning's results come from the shared trainer: its code counts too
-        key = keys[method] = UnitKey(base, **({"shared_trainer": stable_hash(Path(shared.__file__).read_text())}
-                                              if method == "ptuning" else {}))
+        # P-tuning's results come from the shared trainer: its code counts too, and which prompts share a batch
+        shared_batches = {"shared_trainer": stable_hash(Path(shared.__file__).read_text()), "pool": settings["pool"],
+                          "lm_batch": settings["lm_batch"]}
+        key = keys[method] = UnitKey(base, **(shared_batches if method == "ptuning" else {}))
         todo = store.missing(method, [(r, s) for s in seeds for r in relations], key)
         log.info("%s: %d of %d units to run", method, len(todo), len(relations) * len(seeds))
         if todo:
@@ -97,7 +105,8 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
 
 def headline(results: dict) -> dict[str, float]:
     """The figures a run logs (MLflow metrics) and the command line prints."""
-    return {f"{m}.macro_test_p1": v["macro_test_p1"] for m, v in results["methods"].items() if "macro_test_p1" in v}
+    return {f"{m}.{name}": v[name] for m, v in results["methods"].items() if "macro_test_p1" in v
+            for name in ("macro_test_p1", "n_relations")}
 
 
 def _run_one_by_one(report, settings, base, method, todo, store, key, clock, root, show_progress, on_progress) -> dict:
@@ -158,7 +167,7 @@ def _run_ptuning(report, settings, base, method, todo, store, key, clock, root, 
 def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_subset, on_gpu: bool) -> dict:
     """Per method: per relation the mean (and std) over seeds; the macro average per seed, then its mean and
     std over seeds. Only relations with every seed finished count (`n_relations` says how many)."""
-    methods, timings = {}, store.timings
+    methods, timings = {}, store.timings_of(keys)
     for method in report.methods:
         seeds = [None] if method == "manual" else list(report.seeds)
         wanted = lm_subset if method in LM_TRAINED else report.relations
@@ -191,8 +200,12 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_
             "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()), "methods": methods}
 
 
+FIGURES = {"relations.png": "per relation", "learning_curves.png": "dev learning curves", "macro.png": "macro"}
+
+
 def _figures(report: Report, results: dict, store: UnitStore) -> None:
     out, methods = report.output_dir, results["methods"]
+    clear(out, FIGURES)
     shown = [m for m in ("manual", "ptuning") if methods.get(m, {}).get("relations")]
     if shown:
         rels = sorted(set.intersection(*(set(methods[m]["relations"]) for m in shown)))
@@ -207,10 +220,15 @@ def _figures(report: Report, results: dict, store: UnitStore) -> None:
                f"P-tuning dev P@1 per relation (seed {report.seeds[0]}), {report.model}", mean_label="mean over relations")
     done = [m for m in report.methods if "macro_test_p1" in methods[m]]
     if done:
-        grouped_bars(out / "macro.png", [METHOD_NAMES[m] for m in done],
+        grouped_bars(out / "macro.png", [METHOD_NAMES[m] + _subset_label(methods[m], report) for m in done],
                      {report.model: [100 * methods[m]["macro_test_p1"] for m in done]},
                      "macro test P@1 (%)", f"LAMA-{report.vocab}: macro P@1 over relations",
                      errors={report.model: [100 * methods[m]["macro_test_p1_std"] for m in done]})
+
+
+def _subset_label(entry: dict, report: Report) -> str:
+    """" (2 rel.)" for a method averaged over fewer relations than the table's: not comparable with the others."""
+    return f" ({entry['n_relations']} rel.)" if entry["n_relations"] != len(report.relations) else ""
 
 
 def _recipe(results: dict) -> str:
@@ -242,11 +260,10 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
              f"({phases}). "
              f"Seeds {', '.join(map(str, report.seeds))} (the manual prompt has none). P@1 in %, restricted to the "
              f"LAMA-{report.vocab} answer vocabulary, macro-averaged over relations; mean ± std over seeds."
-             + _recipe(results), "", versions_line(results["provenance"]), "",
+             + _recipe(results) + overrides_line(report.params), "", versions_line(results["provenance"]), "",
              "## Macro P@1", "",
              "| | " + " | ".join(METHOD_NAMES[m] for m in METHOD_NAMES) + " |", "|---" * (len(METHOD_NAMES) + 1) + "|"]
-    ours = [(_pct(methods[m].get("macro_test_p1"), methods[m].get("macro_test_p1_std"))
-             + (f" ({methods[m]['n_relations']} rel.)" if methods[m]["n_relations"] != len(report.relations) else ""))
+    ours = [_pct(methods[m].get("macro_test_p1"), methods[m].get("macro_test_p1_std")) + _subset_label(methods[m], report)
             if m in methods else "not run" for m in METHOD_NAMES]
     lines.append(f"| **{report.model} (ours)** | " + " | ".join(ours) + " |")
     for model, row in paper.items():
@@ -255,7 +272,7 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
     if lm_trained and results["lm_trained_relations"] != results["relations"]:
         lines += ["", f"FT and MP+FT train the whole LM per relation: on this CPU only the relations "
                       f"{', '.join(results['lm_trained_relations'])} (params/report.yaml `cpu_lm_trained_relations`), "
-                      "so their macro figures are over that subset, not comparable with the 41-relation columns."]
+                      f"so their macro figures are over that subset, not comparable with the {len(report.relations)}-relation columns."]
     if "manual" in methods and "ptuning" in methods:
         both = sorted(set(methods["manual"]["relations"]) & set(methods["ptuning"]["relations"]))
         gains = sorted(((methods["ptuning"]["relations"][r]["test_p1"] - methods["manual"]["relations"][r]["test_p1"], r)
@@ -286,7 +303,6 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
                       f"{timing['examples_per_s']:.1f} training examples/s; evaluation (dev {timing['dev_eval_s']:.0f} s, "
                       f"test {timing['test_eval_s']:.0f} s) = {100 * evaluation / timing['train_s']:.1f}% of the training time "
                       "(figures of the last invocation)."]
-    lines += ["", "## Figures", "", "![per relation](relations.png)", "", "![dev learning curves](learning_curves.png)",
-              "", "![macro](macro.png)", "", "Settings (params/report.yaml over params/lama.yaml): `"
+    lines += ["", *section(report.output_dir, FIGURES), "Settings (params/report.yaml over params/lama.yaml): `"
               + json.dumps(settings["overrides"]) + "`", ""]
     return "\n".join(lines)

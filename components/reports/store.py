@@ -6,10 +6,14 @@ import os
 import shutil
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from components.common import safe_name, stable_hash
+from components.run_dir import hold
 
 
 class UnitStore:
@@ -45,6 +49,18 @@ class UnitStore:
         """The task's units over every seed, all of these settings; None while one is missing."""
         units = [self.get(method, task, seed, key(task, seed)) for seed in seeds]
         return None if None in units else units
+
+    @contextmanager
+    def lock(self):
+        """Held while a report runs: a second run on the same folder (a DVC stage beside a flow, say) stops at once
+        (RunDirBusy) instead of training the same units and racing on timing.json."""
+        with hold(self.root.parent):
+            yield self
+
+    def timings_of(self, keys: dict) -> dict:
+        """`timings` of the report's methods whose time was taken under their current settings (`keys`: method ->
+        UnitKey); a method run only under other settings has no time here."""
+        return {m: t for m, t in self.timings.items() if m in keys and t.get("settings") == keys[m].settings}
 
     @property
     def timings(self) -> dict:
@@ -95,13 +111,16 @@ def scratch_dir(directory: Path, key: str) -> Path:
 
 class UnitKey:
     """The settings hash of a report's (task, seed) unit, `key(task, seed)`: the run configuration's fingerprint
-    (params, code and data versions) without its task list, plus `extra`. A unit computed otherwise is never
-    reused. `settings`: the hash of the method's settings alone."""
+    (params, code and data versions) without its task list and run seed (a unit's own seed is in its key, so
+    `--seeds 35,36` reuses the units of a `--seeds 34,35,36` run), the device kind it runs on (bf16 on a GPU,
+    fp32 on a CPU: `precision: auto`), plus `extra`. A unit computed otherwise is never reused. `settings`: the
+    hash of the method's settings alone."""
 
     def __init__(self, config, **extra):
         self.fingerprint = config.fingerprint()
-        self.fingerprint["params"] = {k: v for k, v in self.fingerprint["params"].items() if k != "task"}
-        self.fingerprint.update(extra)
+        params = {k: v for k, v in self.fingerprint["params"].items() if k != "task"}
+        params["train"] = {k: v for k, v in params["train"].items() if k != "seed"}
+        self.fingerprint.update(params=params, device="cuda" if torch.cuda.is_available() else "cpu", **extra)
         self.settings = stable_hash(self.fingerprint)
 
     def __call__(self, task: str, seed: int | None) -> str:
@@ -124,6 +143,12 @@ def versions_line(provenance: dict) -> str:
             "are recomputed, never reused (results.json `provenance` holds every method's resolved parameters).")
 
 
+def overrides_line(params) -> str:
+    """REPORT.md's sentence on the command's --preset / --set (`params`: (key, value) pairs), which override
+    params/ for every method; empty without them."""
+    return f" Overrides for every method (--preset / --set): `{json.dumps(dict(params))}`." if params else ""
+
+
 def methods_and_seeds(settings: dict, methods, seeds, known: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """A report's methods and seeds: the command line's, else params/report.yaml's; an unknown method or no seed
     fails here, before anything runs."""
@@ -134,7 +159,18 @@ def methods_and_seeds(settings: dict, methods, seeds, known: dict) -> tuple[tupl
     seeds = tuple(int(s) for s in (seeds or settings["seeds"]))
     if not seeds:
         raise ValueError("a report needs at least one seed")
+    for name, values in (("method", methods), ("seed", seeds)):
+        unique(values, name)
     return methods, seeds
+
+
+def unique(values, name: str):
+    """`values`, or a one-line error naming the repeated ones: a seed or task counted twice would fake its mean
+    and std."""
+    repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+    if repeated:
+        raise ValueError(f"{name}s repeated in the report's list: {', '.join(repeated)}")
+    return values
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -23,9 +23,9 @@ import torch
 from components.benchmarks.superglue.methods import METHODS
 from components.benchmarks.superglue.run import SETTINGS
 from components.benchmarks.superglue.tasks import TASKS
-from components.reports.figures import curves, grouped_bars
+from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      scratch_dir, versions_line, write_atomic)
+                                      overrides_line, scratch_dir, unique, versions_line, write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Report:
             raise ValueError(f"unknown SuperGLUE setting {setting!r}; choose one of {', '.join(SETTINGS)}")
         names = tasks or settings["tasks"]
         names = list(TASKS) if names == "all" else [t.strip().lower() for t in str(names).split(",") if t.strip()]
+        unique(names, "task")
         out = Path(output_dir) if output_dir else report_dir(root, "superglue", f"{model}-{setting}", params or {})
         report = cls(model, setting, seeds, tuple(names), methods, out, command,
                      "gpu" if torch.cuda.is_available() else "cpu", tuple(sorted((params or {}).items())))
@@ -74,12 +75,16 @@ class Report:
 def run_report(report: Report, settings: dict, root: Path, show_progress: bool = True,
                on_progress: Callable[[dict], None] | None = None) -> dict:
     """Run what is missing, then write results.json, REPORT.md and the figures; returns results.json's dict."""
+    with UnitStore(report.output_dir / "units").lock() as store:
+        return _run_locked(report, settings, root, store, show_progress, on_progress)
+
+
+def _run_locked(report, settings, root, store, show_progress, on_progress) -> dict:
     from tqdm import tqdm
 
     from components.benchmarks.superglue.run import run
 
     started = time.time()
-    store = UnitStore(report.output_dir / "units")
     keys, todo = {}, []
     for method in report.methods:
         keys[method] = UnitKey(report.config(settings, method, report.seeds[0], root))
@@ -97,12 +102,12 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
         metrics = run(config, run_dir)
         figures = metrics["tasks"][task]
         history = json.loads((run_dir / "history.json").read_text())[task]
-        shutil.rmtree(run_dir, ignore_errors=True)  # a trained LM per unit: the table keeps figures, not weights
         store.put(method, task, seed, key, {
             "dev": figures["dev"], "val": figures["val"], "steps": figures["steps"], "best_step": figures["best_step"],
             "stopped_early": figures["stopped_early"], "n_train": figures["n_train"], "n_dev": figures["n_dev"],
             "n_val": figures["n_val"], "selected_on": figures["selected_on"], "history": history,
             "seconds": time.time() - t0})
+        shutil.rmtree(run_dir, ignore_errors=True)  # a trained LM per unit: the table keeps figures, not weights
         store.add_timing(method, t0, keys[method].settings)
         if on_progress is not None:
             on_progress({"done": i + 1, "total": len(todo)})
@@ -118,13 +123,14 @@ def run_report(report: Report, settings: dict, root: Path, show_progress: bool =
 
 def headline(results: dict) -> dict[str, float]:
     """The figures a run logs (MLflow metrics) and the command line prints."""
-    return {f"{m}.macro_val_score": v["macro_val_score"] for m, v in results["methods"].items() if "macro_val_score" in v}
+    return {f"{m}.{name}": v[name] for m, v in results["methods"].items() if "macro_val_score" in v
+            for name in ("macro_val_score", "n_tasks")}
 
 
 def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, root: Path) -> dict:
     """Per method and task: each val metric's mean and std over seeds; the macro score (the mean over tasks of
     each task's score) per seed, then its mean and std. Only tasks with every seed finished count."""
-    methods, timings = {}, store.timings
+    methods, timings = {}, store.timings_of(keys)
     for method in report.methods:
         seeds = list(report.seeds) if METHODS[method].trains else [None]
         units = {t: found for t in report.tasks if (found := store.load(method, t, seeds, keys[method]))}
@@ -137,6 +143,7 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, roo
                            "dev_score": mean_std([u["dev"]["score"] for u in found])[0],
                            "val_score_by_seed": {str(u["seed"]): u["val"]["score"] for u in found},
                            "steps": mean_std([u["steps"] for u in found])[0], "n_val": found[0]["n_val"],
+                           "selected_on": found[0]["selected_on"],
                            "n_train": found[0]["n_train"], "seconds": sum(u["seconds"] for u in found),
                            "dev_curve": [(h["step"], sum(h[f"dev.{m}"] for m in metrics) / len(metrics))
                                          for h in found[0]["history"]]}
@@ -157,8 +164,12 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, roo
             "methods": methods}
 
 
+FIGURES = {"tasks.png": "per task", "learning_curves.png": "dev learning curves", "macro.png": "macro"}
+
+
 def _figures(report: Report, results: dict) -> None:
     out, methods = report.output_dir, results["methods"]
+    clear(out, FIGURES)
     shown = [m for m in report.methods if methods[m]["tasks"]]
     if shown:
         tasks = [t for t in report.tasks if all(t in methods[m]["tasks"] for m in shown)]
@@ -173,7 +184,8 @@ def _figures(report: Report, results: dict) -> None:
                f"P-tuning dev score per task (seed {report.seeds[0]}), {report.model}")
     done = [m for m in report.methods if "macro_val_score" in methods[m]]
     if done:
-        grouped_bars(out / "macro.png", [METHOD_NAMES[m] for m in done],
+        grouped_bars(out / "macro.png", [METHOD_NAMES[m] + (f" ({methods[m]['n_tasks']} tasks)" if methods[m]["n_tasks"]
+                                                            != len(report.tasks) else "") for m in done],
                      {report.model: [100 * methods[m]["macro_val_score"] for m in done]},
                      "mean val score over tasks (%)", f"SuperGLUE {report.setting}: macro score",
                      errors={report.model: [100 * methods[m]["macro_val_score_std"] for m in done]})
@@ -191,16 +203,19 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
     methods = results["methods"]
     specs = [TASKS[t] for t in report.tasks]
     header = "| | " + " | ".join(f"{s.folder} ({'/'.join(s.metrics)})" for s in specs) + " | macro score |"
-    lines = [f"# SuperGLUE {report.setting} on {report.model} (paper Table 5)", "",
+    # the split each trained run kept its best state on, as the units record it (dev32 few-shot; val if told so)
+    selected = sorted({t["selected_on"] for m in report.methods if METHODS[m].trains
+                       for t in methods[m]["tasks"].values()})
+    lines = [f"# SuperGLUE {report.setting} on {report.model}" + (" (paper Table 5)" if report.setting == "fewshot" else ""), "",
              "Produced by", "```", report.command, "```",
              f"Device: {results['device']}. Budget: **{report.budget}**"
              + (f" (params/report.yaml `superglue.budget.cpu` over params/superglue.yaml: "
                 f"`{json.dumps(results['budget_overrides'])}`; the paper's step counts need a GPU)"
                 if report.budget == "cpu" else " (the paper's step counts, params/superglue.yaml)")
              + f". Wall time of the runs: {results['wall_s'] / 60:.1f} min. Seeds {', '.join(map(str, report.seeds))} "
-             "(the zero-shot prompt trains nothing: one run). Trained runs keep the state best on dev32 and are scored "
-             "on SuperGLUE val; figures in %, mean ± std over seeds; the macro score is the mean over tasks of each "
-             "task's mean metric.", "", versions_line(results["provenance"]), "", "## Val scores", "", header, "|---" * (len(specs) + 2) + "|"]
+             "(the zero-shot prompt trains nothing: one run). Trained runs keep the state best on "
+             f"{' / '.join(selected) or 'their selection split'} and are scored on SuperGLUE val; figures in %, mean ± std over seeds; the macro score is the mean over tasks of each "
+             "task's mean metric." + overrides_line(report.params), "", versions_line(results["provenance"]), "", "## Val scores", "", header, "|---" * (len(specs) + 2) + "|"]
     for method in report.methods:
         entry = methods[method]
         macro = (f"{100 * entry['macro_val_score']:.1f}" + (f" ± {100 * entry['macro_val_score_std']:.1f}"
@@ -208,14 +223,14 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
                  + (f" ({entry['n_tasks']} tasks)" if entry["n_tasks"] != len(specs) else "")) if "macro_val_score" in entry else "–"
         lines.append(f"| **{METHOD_NAMES[method]} (ours)** | "
                      + " | ".join(_cell(entry["tasks"].get(s.name), s.metrics) for s in specs) + f" | {macro} |")
-    for name, row in settings["paper_table5"].items():
+    for name, row in (settings["paper_table5"] if report.setting == "fewshot" else {}).items():
         cells = [" / ".join(str(v) for v in (row[s.name] if isinstance(row.get(s.name), list) else [row.get(s.name, "–")]))
                  for s in specs]
         lines.append(f"| {name} (paper) | " + " | ".join(cells) + " | – |")
     if results["max_eval_examples"]:
         lines += ["", f"Val figures are on the first {results['max_eval_examples']} val examples of each task (MultiRC: "
                       "whole questions), not the whole val set (`max_eval_examples`)."]
-    lines += ["", "## Per task", "", "| task | method | val score | dev32 score | steps | n train | n val | minutes |",
+    lines += ["", "## Per task", "", f"| task | method | val score | {' / '.join(selected) or 'selection'} score | steps | n train | n val | minutes |",
               "|---|---|---|---|---|---|---|---|"]
     for spec in specs:
         for method in report.methods:
@@ -224,6 +239,5 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
                 lines.append(f"| {spec.folder} | {METHOD_NAMES[method]} | {100 * entry['val']['score']:.1f} | "
                              f"{100 * entry['dev_score']:.1f} | {entry['steps']:.0f} | {entry['n_train']} | "
                              f"{entry['n_val']} | {entry['seconds'] / 60:.1f} |")
-    lines += ["", "## Figures", "", "![per task](tasks.png)", "", "![dev learning curves](learning_curves.png)", "",
-              "![macro](macro.png)", ""]
+    lines += ["", *section(report.output_dir, FIGURES)]
     return "\n".join(lines)

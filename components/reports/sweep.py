@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--pool", type=int, default=18)
-    p.add_argument("--out", default="reports/lama/smollm2-135m/SWEEP.md")
+    p.add_argument("--out", default="outputs/lama_sweep.md",
+                   help="the markdown table to write (reports/lama/<model>/SWEEP.md is assembled from such tables)")
     p.add_argument("--data-dir", help="prepared LAMA data (default: params/lama.yaml data_dir)")
     args = p.parse_args(argv)
     from components.models.catalog import load_lm
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "train.patience": args.patience,
                                         **({"data_dir": args.data_dir} if args.data_dir else {}), **dict(recipe[3])})
                for recipe in recipes}
+    vocabs = sorted({config.params["vocab"] for config in configs.values()})
+    if len(vocabs) > 1:  # one shared pool scores every prompt against one answer vocabulary
+        raise SystemExit(f"--recipes: every recipe must use one vocabulary, got {', '.join(vocabs)}")
+    batch = "/".join(sorted({str(config.params["train"]["batch_size"]) for config in configs.values()}))
     lm = load_lm(args.model)
     data = {recipe: shared.load_relations(relations, lm, config.params) for recipe, config in configs.items()}
     candidates = next(iter(data.values()))[1]
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     evals = range(args.eval_every, args.steps + 1, args.eval_every)
     lines = ["# LAMA P-tuning recipe sweep (dev P@1 only)", "", "```",
              "python -m components.reports.sweep " + shlex.join(sys.argv[1:] if argv is None else argv), "```", "",
-             f"{args.model}, LAMA-29k, frozen LM, batch 8, up to {args.steps} steps, dev every {args.eval_every} steps, "
+             f"{args.model}, LAMA-{vocabs[0]}, frozen LM, batch {batch}, up to {args.steps} steps, dev every {args.eval_every} steps, "
              f"patience {args.patience}, other settings params/lama.yaml; {(time.time() - started) / 60:.1f} min, "
              "shared batches. Init `random`: the paper's shape `[P*3] {sub} [P*3] [Y]`; `manual`: each relation's manual "
              "prompt with its words as continuous tokens starting from their embeddings (OptiPrompt). Best dev P@1 (%) "
