@@ -489,10 +489,10 @@ def _report(benchmark: str, model: str, root: Path, seeds, methods, tasks, overr
 
     kind = get_report(benchmark)
     settings = load_params("report", root)[benchmark]
-    params = {k: v for k, v in overrides.items() if k != kind.OPTION}  # the vocabulary/setting is the report's own
-    report = kind.Report.from_settings(settings, model, command, root, option=overrides.get(kind.OPTION), seeds=seeds,
+    # overrides may hold the report's own option (vocab, setting): from_settings takes it from there
+    report = kind.Report.from_settings(settings, model, command, root, seeds=seeds,
                                        tasks=",".join(tasks) if tasks else None, methods=methods,
-                                       output_dir=output_dir, params=params)
+                                       output_dir=output_dir, params=overrides)
     return kind, settings, report
 
 

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from components.cli import main
+from components.reports.store import UnitStore
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
 
@@ -129,6 +130,11 @@ def test_the_other_vocabulary_is_a_table_of_its_own(repo_dir):
                                                                  option=vocab)
     assert make(None).output_dir == make("29k").output_dir == repo_dir / "reports" / "lama" / "tiny-gpt2"
     assert make("34k").output_dir == repo_dir / "reports" / "lama" / "tiny-gpt2-vocab-34k"
+    given = get_report("lama").Report.from_settings(settings, "tiny-gpt2", "ptuning report lama", repo_dir,
+                                                    params={"vocab": "34k"})  # --set vocab=34k: the same table
+    assert (given.output_dir, given.vocab, given.params) == (make("34k").output_dir, "34k", ())
+    assert get_report("lama").Report.from_settings({**settings, "cpu_lm_trained_relations": []}, "tiny-gpt2",
+                                                   "ptuning report lama", repo_dir).relations  # no CPU subset: fine
     with pytest.raises(ValueError, match="unknown LAMA relation"):  # the CPU subset is checked up front too
         get_report("lama").Report.from_settings({**settings, "cpu_lm_trained_relations": ["P1O3"]}, "tiny-gpt2",
                                                 "ptuning report lama", repo_dir)
@@ -178,12 +184,22 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     assert again["methods"]["ptuning"]["macro_val_score"] == pytest.approx(results["methods"]["ptuning"]["macro_val_score"])
     assert [p for p, t in kept.items() if p.stat().st_mtime_ns != t] == [out / "units" / "ptuning" / "cb-s43.json"]
 
+    # REPORT.md names the split the runs selected on as their units record it, and a second run on the folder
+    # stops at once (exit 3) while one holds it
+    unit = out / "units" / "ptuning" / "cb-s42.json"
+    unit.write_text(json.dumps({**json.loads(unit.read_text()), "selected_on": "val"}))
+    with UnitStore(out / "units").lock():
+        assert _superglue(out, fewglue_dir) == 3
+    assert _superglue(out, fewglue_dir) == 0
+    assert "keep the state best on dev32 / val and are scored" in (out / "REPORT.md").read_text()
+
 
 @pytest.mark.parametrize("args, message", [
     (["--methods", "ptuning,zero-shot"], "unknown report method(s) ['zero-shot']"),
     (["--tasks", "rte,squad"], "unknown SuperGLUE task 'squad'"),
     (["--set", "train.lr=-1"], "invalid training settings"),
     (["--preset", "paper"], "unknown preset 'paper'; known: none in this file"),
+    (["--setting", "fewshot", "--set", "setting=full"], "two values of setting: --setting fewshot and --set setting=full"),
 ])
 def test_bad_superglue_report_input_fails_before_anything_runs(args, message, fewglue_dir, tmp_path, capsys):
     out = tmp_path / "report"

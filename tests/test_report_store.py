@@ -69,7 +69,7 @@ def test_bad_methods_or_seeds(methods, seeds, message):
     assert methods_and_seeds(settings, None, [34], {"ptuning": "P-tuning"}) == (("ptuning",), (34,))
 
 
-def test_a_units_key_does_not_depend_on_the_runs_first_seed(repo_dir):
+def test_a_units_key_does_not_depend_on_the_runs_first_seed(repo_dir, monkeypatch):
     """`--seeds 35,36` reuses the seed-35 and seed-36 units of a `--seeds 34,35,36` run; other settings do not."""
     from components.run_config import resolve
 
@@ -78,7 +78,8 @@ def test_a_units_key_does_not_depend_on_the_runs_first_seed(repo_dir):
     assert first_34("P19", 35) == first_35("P19", 35) and first_34.settings == first_35.settings
     assert first_34("P19", 35) != first_34("P19", 36) != first_34("P36", 36)
     assert UnitKey(config(**{"train.lr": 0.002}))("P19", 35) != first_34("P19", 35)
-    assert first_34.fingerprint["device"] in ("cpu", "cuda")  # bf16 on a GPU, fp32 on a CPU: never mixed
+    monkeypatch.setattr("torch.cuda.is_available", lambda: not first_34.fingerprint["device"] == "cuda")
+    assert UnitKey(config(**{"train.seed": 34}))("P19", 35) != first_34("P19", 35)  # bf16 on a GPU, fp32 on a CPU
 
 
 def test_a_second_run_on_the_same_report_folder_stops_at_once(tmp_path):

@@ -24,7 +24,8 @@ from components.benchmarks.lama.run import relations_of, run_relation
 from components.common import remove_checkpoints, stable_hash
 from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      overrides_line, scratch_dir, unique, versions_line, write_atomic)
+                                      overrides_line, own_option, scratch_dir, unique, versions_line,
+                                      write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,13 @@ class Report:
         (`option`: the vocabulary, `tasks`: the relations); every bad value fails here, before anything runs."""
         methods, seeds = methods_and_seeds(settings, methods, seeds, METHOD_NAMES)
         relations = tuple(unique(relations_of(tasks or settings["relations"]), "relation"))
-        relations_of(",".join(settings["cpu_lm_trained_relations"]))  # a typo there would quietly drop FT's table
-        vocab = option or settings["vocab"]
+        if settings["cpu_lm_trained_relations"]:  # a typo there would quietly drop FT's table
+            relations_of(",".join(settings["cpu_lm_trained_relations"]))
+        vocab, params = own_option(OPTION, option, params, settings["vocab"])
         # another vocabulary is another table: a folder of its own, never the default table's units
-        folder = {**({"vocab": vocab} if vocab != settings["vocab"] else {}), **(params or {})}
+        folder = {**({"vocab": vocab} if vocab != settings["vocab"] else {}), **params}
         out = Path(output_dir) if output_dir else report_dir(root, "lama", model, folder)
-        report = cls(model, vocab, seeds, relations, methods, out, command, tuple(sorted((params or {}).items())))
+        report = cls(model, vocab, seeds, relations, methods, out, command, tuple(sorted(params.items())))
         for method in methods:  # params/lama.yaml + overrides, validated by the benchmark (model, vocab, training)
             report.config(settings, method, seeds[0], root)
         return report
@@ -84,7 +86,8 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
         relations = lm_subset if method in LM_TRAINED else report.relations
         seeds = (None,) if method == "manual" else report.seeds
         base = report.config(settings, method, report.seeds[0], root)
-        # P-tuning's results come from the shared trainer: its code counts too, and which prompts share a batch
+        # P-tuning's results come from the shared trainer: its code counts too, and so do the batch sizes (which
+        # prompts share a pool also follows from which units are missing: a resumed run may pair them otherwise)
         shared_batches = {"shared_trainer": stable_hash(Path(shared.__file__).read_text()), "pool": settings["pool"],
                           "lm_batch": settings["lm_batch"]}
         key = keys[method] = UnitKey(base, **(shared_batches if method == "ptuning" else {}))
@@ -256,7 +259,8 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
     phases = ", ".join(f"{METHOD_NAMES[m]} {methods[m]['timing'].get('seconds', 0) / 60:.1f} min" for m in report.methods)
     lines = [f"# LAMA-{report.vocab} on {report.model} (paper Table 2)", "",
              "Produced by", "```", report.command, "```",
-             f"Device: {results['device']}. Wall time of the runs: {results['wall_s'] / 60:.1f} min "
+             f"Device: {results['device']}. Wall time of the runs that computed this folder's units (every "
+             f"invocation and seed, current settings): {results['wall_s'] / 60:.1f} min "
              f"({phases}). "
              f"Seeds {', '.join(map(str, report.seeds))} (the manual prompt has none). P@1 in %, restricted to the "
              f"LAMA-{report.vocab} answer vocabulary, macro-averaged over relations; mean ± std over seeds."

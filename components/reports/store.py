@@ -149,6 +149,16 @@ def overrides_line(params) -> str:
     return f" Overrides for every method (--preset / --set): `{json.dumps(dict(params))}`." if params else ""
 
 
+def own_option(name: str, option, params: dict | None, default) -> tuple[object, dict]:
+    """The report's own choice (LAMA's vocabulary, SuperGLUE's setting), from its flag or from `--set name=...`
+    (one value, whichever way it is given), and the other params: the folder, the title and the runs then agree."""
+    params = dict(params or {})
+    given = params.pop(name, None)
+    if option is not None and given is not None and option != given:
+        raise ValueError(f"two values of {name}: --{name} {option} and --set {name}={given}")
+    return option or given or default, params
+
+
 def methods_and_seeds(settings: dict, methods, seeds, known: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """A report's methods and seeds: the command line's, else params/report.yaml's; an unknown method or no seed
     fails here, before anything runs."""

@@ -25,7 +25,8 @@ from components.benchmarks.superglue.run import SETTINGS
 from components.benchmarks.superglue.tasks import TASKS
 from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      overrides_line, scratch_dir, unique, versions_line, write_atomic)
+                                      overrides_line, own_option, scratch_dir, unique, versions_line,
+                                      write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Report:
         """params/report.yaml `superglue:` with the command line's choices over it (`option`: the setting);
         every bad value fails here, before anything runs."""
         methods, seeds = methods_and_seeds(settings, methods, seeds, METHOD_NAMES)
-        setting = option or settings["setting"]
+        setting, params = own_option(OPTION, option, params, settings["setting"])
         if setting not in SETTINGS:
             raise ValueError(f"unknown SuperGLUE setting {setting!r}; choose one of {', '.join(SETTINGS)}")
         names = tasks or settings["tasks"]
@@ -212,7 +213,8 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
              + (f" (params/report.yaml `superglue.budget.cpu` over params/superglue.yaml: "
                 f"`{json.dumps(results['budget_overrides'])}`; the paper's step counts need a GPU)"
                 if report.budget == "cpu" else " (the paper's step counts, params/superglue.yaml)")
-             + f". Wall time of the runs: {results['wall_s'] / 60:.1f} min. Seeds {', '.join(map(str, report.seeds))} "
+             + ". Wall time of the runs that computed this folder's units (every invocation and seed, current "
+             f"settings): {results['wall_s'] / 60:.1f} min. Seeds {', '.join(map(str, report.seeds))} "
              "(the zero-shot prompt trains nothing: one run). Trained runs keep the state best on "
              f"{' / '.join(selected) or 'their selection split'} and are scored on SuperGLUE val; figures in %, mean ± std over seeds; the macro score is the mean over tasks of each "
              "task's mean metric." + overrides_line(report.params), "", versions_line(results["provenance"]), "", "## Val scores", "", header, "|---" * (len(specs) + 2) + "|"]
