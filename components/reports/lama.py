@@ -24,8 +24,8 @@ from components.benchmarks.lama.run import relations_of, run_relation
 from components.common import remove_checkpoints, stable_hash
 from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      overrides_line, own_option, scratch_dir, unique, versions_line,
-                                      write_atomic)
+                                      overrides_line, own_option, scratch_dir, subset_label, unique,
+                                      versions_line, write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -223,15 +223,11 @@ def _figures(report: Report, results: dict, store: UnitStore) -> None:
                f"P-tuning dev P@1 per relation (seed {report.seeds[0]}), {report.model}", mean_label="mean over relations")
     done = [m for m in report.methods if "macro_test_p1" in methods[m]]
     if done:
-        grouped_bars(out / "macro.png", [METHOD_NAMES[m] + _subset_label(methods[m], report) for m in done],
+        grouped_bars(out / "macro.png",
+                     [METHOD_NAMES[m] + subset_label(methods[m]["n_relations"], len(report.relations), "rel.") for m in done],
                      {report.model: [100 * methods[m]["macro_test_p1"] for m in done]},
                      "macro test P@1 (%)", f"LAMA-{report.vocab}: macro P@1 over relations",
                      errors={report.model: [100 * methods[m]["macro_test_p1_std"] for m in done]})
-
-
-def _subset_label(entry: dict, report: Report) -> str:
-    """" (2 rel.)" for a method averaged over fewer relations than the table's: not comparable with the others."""
-    return f" ({entry['n_relations']} rel.)" if entry["n_relations"] != len(report.relations) else ""
 
 
 def _recipe(results: dict) -> str:
@@ -267,7 +263,8 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
              + _recipe(results) + overrides_line(report.params), "", versions_line(results["provenance"]), "",
              "## Macro P@1", "",
              "| | " + " | ".join(METHOD_NAMES[m] for m in METHOD_NAMES) + " |", "|---" * (len(METHOD_NAMES) + 1) + "|"]
-    ours = [_pct(methods[m].get("macro_test_p1"), methods[m].get("macro_test_p1_std")) + _subset_label(methods[m], report)
+    ours = [_pct(methods[m].get("macro_test_p1"), methods[m].get("macro_test_p1_std"))
+            + subset_label(methods[m]["n_relations"], len(report.relations), "rel.")
             if m in methods else "not run" for m in METHOD_NAMES]
     lines.append(f"| **{report.model} (ours)** | " + " | ".join(ours) + " |")
     for model, row in paper.items():

@@ -143,6 +143,11 @@ def versions_line(provenance: dict) -> str:
             "are recomputed, never reused (results.json `provenance` holds every method's resolved parameters).")
 
 
+def subset_label(n: int, total: int, what: str) -> str:
+    """" (2 rel.)" beside a method averaged over fewer relations or tasks than the table's: not comparable."""
+    return f" ({n} {what})" if n != total else ""
+
+
 def overrides_line(params) -> str:
     """REPORT.md's sentence on the command's --preset / --set (`params`: (key, value) pairs), which override
     params/ for every method; empty without them."""

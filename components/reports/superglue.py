@@ -25,8 +25,8 @@ from components.benchmarks.superglue.run import SETTINGS
 from components.benchmarks.superglue.tasks import TASKS
 from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      overrides_line, own_option, scratch_dir, unique, versions_line,
-                                      write_atomic)
+                                      overrides_line, own_option, scratch_dir, subset_label, unique,
+                                      versions_line, write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ class Report:
         names = tasks or settings["tasks"]
         names = list(TASKS) if names == "all" else [t.strip().lower() for t in str(names).split(",") if t.strip()]
         unique(names, "task")
-        out = Path(output_dir) if output_dir else report_dir(root, "superglue", f"{model}-{setting}", params or {})
+        out = Path(output_dir) if output_dir else report_dir(root, "superglue", f"{model}-{setting}", params)
         report = cls(model, setting, seeds, tuple(names), methods, out, command,
-                     "gpu" if torch.cuda.is_available() else "cpu", tuple(sorted((params or {}).items())))
+                     "gpu" if torch.cuda.is_available() else "cpu", tuple(sorted(params.items())))
         for method in methods:  # params/superglue.yaml + budget + overrides, validated by the benchmark
             report.config(settings, method, seeds[0], root)
         return report
@@ -185,8 +185,8 @@ def _figures(report: Report, results: dict) -> None:
                f"P-tuning dev score per task (seed {report.seeds[0]}), {report.model}")
     done = [m for m in report.methods if "macro_val_score" in methods[m]]
     if done:
-        grouped_bars(out / "macro.png", [METHOD_NAMES[m] + (f" ({methods[m]['n_tasks']} tasks)" if methods[m]["n_tasks"]
-                                                            != len(report.tasks) else "") for m in done],
+        grouped_bars(out / "macro.png",
+                     [METHOD_NAMES[m] + subset_label(methods[m]["n_tasks"], len(report.tasks), "tasks") for m in done],
                      {report.model: [100 * methods[m]["macro_val_score"] for m in done]},
                      "mean val score over tasks (%)", f"SuperGLUE {report.setting}: macro score",
                      errors={report.model: [100 * methods[m]["macro_val_score_std"] for m in done]})
@@ -222,7 +222,7 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
         entry = methods[method]
         macro = (f"{100 * entry['macro_val_score']:.1f}" + (f" ± {100 * entry['macro_val_score_std']:.1f}"
                                                            if entry["macro_val_score_std"] else "")
-                 + (f" ({entry['n_tasks']} tasks)" if entry["n_tasks"] != len(specs) else "")) if "macro_val_score" in entry else "–"
+                 + subset_label(entry["n_tasks"], len(specs), "tasks")) if "macro_val_score" in entry else "–"
         lines.append(f"| **{METHOD_NAMES[method]} (ours)** | "
                      + " | ".join(_cell(entry["tasks"].get(s.name), s.metrics) for s in specs) + f" | {macro} |")
     for name, row in (settings["paper_table5"] if report.setting == "fewshot" else {}).items():
