@@ -548,7 +548,7 @@ def report(benchmark: str = "lama", model: str = "smollm2-135m", seeds: Optional
                                                            "tasks": tasks, **overrides},
                            {"role": "report", "benchmark": benchmark, "model": model}) as run:
         tracker.log_metrics(done["headline"])
-        tracker.client.log_artifacts(run.info.run_id, str(out), artifact_path="report")
+        tracker.log_report(out, run.info.run_id)
     with contextlib.suppress(Exception):
         create_markdown_artifact((out / "REPORT.md").read_text(), key=f"report-{benchmark}-{safe_name(model).lower()}",
                                  description=f"{benchmark} table of {model}")

@@ -30,9 +30,7 @@ def smollm2():
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_model_loads_and_runs(name):
     arch, causal = TINY[name]
-    start = time.perf_counter()
     lm = load_lm(name)
-    assert time.perf_counter() - start < 10
     assert type(lm.model).__name__ == arch and lm.causal is causal and lm.name == name
     assert not lm.model.training and lm.model.dtype == torch.float32
     tok = lm.tokenizer
@@ -119,10 +117,8 @@ def test_unknown_name_fails_fast_without_downloading(name, tmp_path, monkeypatch
     monkeypatch.setattr(socket.socket, "connect", refuse)  # the hub, or anything else on the network
     monkeypatch.setattr(catalog.subprocess, "run", refuse)  # pip
     for call in (load_lm, load_tokenizer, model_dir):
-        start = time.perf_counter()
         with pytest.raises(UnknownModelError) as error:
             call(name)
-        assert time.perf_counter() - start < 3
         assert repr(name) in str(error.value) and "smollm2-135m" in str(error.value) and "tiny-bert" in str(error.value)
     assert cli_main(["models", "prepare", name]) == 2
     assert attempts == [] and not cache.exists()
@@ -165,11 +161,10 @@ def test_smollm2_real_weights(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_loads_fast_from_cache(smollm2):
+def test_smollm2_loads_again_from_cache(smollm2):
     start = time.perf_counter()
     again = load_lm("smollm2-135m")
     seconds = time.perf_counter() - start
-    print(f"\nsmollm2-135m load from cache: {seconds:.2f} s")
-    assert seconds < 5
+    print(f"\nsmollm2-135m load from cache: {seconds:.2f} s")  # a figure, not a target (benchmarks/ time)
     assert torch.equal(again.model.get_input_embeddings().weight, smollm2.model.get_input_embeddings().weight)
     assert (model_dir("smollm2-135m") / "model.safetensors").exists()

@@ -199,7 +199,9 @@ def test_superglue_report_deployment_writes_the_fewshot_table(stack, first_runs)
     client = MlflowClient(stack["mlflow"])
     [run] = client.search_runs([client.get_experiment_by_name("e2e-report-superglue").experiment_id])
     assert run.data.metrics["ptuning.macro_val_score"] == pytest.approx(results["methods"]["ptuning"]["macro_val_score"])
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/REPORT.md", "report/tasks.png"}
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert logged >= {"report/REPORT.md", "report/tasks.png", "report/units"}
+    assert (out / ".scratch").is_dir() and not [p for p in logged if p.startswith("report/.")]  # nor lock, nor scratch
 
 
 def test_a_bad_task_fails_before_dvc_optuna_or_mlflow(stack, first_runs):

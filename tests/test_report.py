@@ -171,7 +171,7 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     assert f"Library code version {results['provenance']['ptuning']['code_version']}" in report
     for figure in ("tasks.png", "learning_curves.png", "macro.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    work = repo_dir / "outputs" / "reports" / "superglue" / out.name / "ptuning"
+    work = out / ".scratch" / "ptuning"
     assert work.is_dir() and not any(work.iterdir())  # a unit's run (its trained LM) is gone once its figures are kept
 
     # one unit lost: only it runs again, and the table is the same

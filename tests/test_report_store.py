@@ -5,7 +5,7 @@ import time
 import pytest
 
 from components.run_dir import RunDirBusy
-from components.reports.store import Clock, UnitKey, UnitStore, methods_and_seeds, report_dir, scratch_dir
+from components.reports.store import Clock, UnitKey, UnitStore, methods_and_seeds, report_dir
 
 
 def test_only_units_of_the_current_settings_count(tmp_path):
@@ -20,10 +20,14 @@ def test_only_units_of_the_current_settings_count(tmp_path):
 
 
 def test_a_unit_resumes_only_its_own_scratch_dir(tmp_path):
-    directory = scratch_dir(tmp_path / "rte-s42", "settings-a")
-    (directory / "checkpoint").mkdir()
-    assert (scratch_dir(tmp_path / "rte-s42", "settings-a") / "checkpoint").is_dir()  # the same unit: kept
-    assert not (scratch_dir(tmp_path / "rte-s42", "settings-b") / "checkpoint").exists()  # other settings: emptied
+    store = UnitStore(tmp_path / "a" / "smollm2-135m" / "units")
+    (store.scratch("ptuning", "rte", 42, "settings-a") / "checkpoint").mkdir()
+    assert (store.scratch("ptuning", "rte", 42, "settings-a") / "checkpoint").is_dir()  # the same unit: kept
+    # a report folder of the same name elsewhere has a scratch dir of its own
+    other = UnitStore(tmp_path / "b" / "smollm2-135m" / "units")
+    assert not (other.scratch("ptuning", "rte", 42, "settings-a") / "checkpoint").exists()
+    assert (store.scratch("ptuning", "rte", 42, "settings-a") / "checkpoint").is_dir()
+    assert not (store.scratch("ptuning", "rte", 42, "settings-b") / "checkpoint").exists()  # other settings: emptied
 
 
 def test_a_table_of_other_parameters_gets_a_folder_of_its_own(tmp_path):

@@ -363,6 +363,18 @@ class Tracker:
         if history is not None:
             self.client.log_dict(run_id, history, "history.json")
 
+    def log_report(self, report_dir: str | Path, run_id: str | None = None) -> None:
+        """A report folder's files under `report/`: results.json, REPORT.md, the figures and units, not its
+        lock or its units' scratch dirs (`.run.lock`, `.scratch/`)."""
+        run_id = self._run_for(run_id)
+        for entry in sorted(Path(report_dir).iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                self.client.log_artifacts(run_id, str(entry), artifact_path=f"report/{entry.name}")
+            else:
+                self.client.log_artifact(run_id, str(entry), artifact_path="report")
+
     def register_prompt(self, prompt_dir: str | Path, name: str | None, metrics: dict, *,
                         selection_key: str = "dev.score", report_key: str | None = None, run_id: str | None = None,
                         command: str | None = None):

@@ -24,7 +24,7 @@ from components.benchmarks.lama.run import relations_of, run_relation
 from components.common import remove_checkpoints, stable_hash
 from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      overrides_line, own_option, scratch_dir, subset_label, unique,
+                                      overrides_line, own_option, subset_label, unique,
                                       versions_line, write_atomic)
 from components.run_config import resolve
 
@@ -96,7 +96,7 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
         if todo:
             runner = _run_ptuning if method == "ptuning" else _run_one_by_one
             clock = Clock(store, method, key.settings)
-            clock.tick(runner(report, settings, base, method, todo, store, key, clock, root, show_progress, on_progress))
+            clock.tick(runner(report, settings, base, method, todo, store, key, clock, show_progress, on_progress))
     results = _aggregate(report, settings, store, keys, lm_subset, on_gpu)
     results["provenance"] = provenance(keys)
     results["wall_s_this_invocation"] = time.time() - started
@@ -112,13 +112,12 @@ def headline(results: dict) -> dict[str, float]:
             for name in ("macro_test_p1", "n_relations")}
 
 
-def _run_one_by_one(report, settings, base, method, todo, store, key, clock, root, show_progress, on_progress) -> dict:
+def _run_one_by_one(report, settings, base, method, todo, store, key, clock, show_progress, on_progress) -> dict:
     """MP (one LM for every relation) and FT / MP+FT (a fresh LM per relation and seed)."""
     from tqdm import tqdm
 
     from components.models.catalog import load_lm
 
-    work = root / "outputs" / "reports" / "lama" / report.output_dir.name / method
     lm = load_lm(report.model) if method == "manual" else None
     bar = tqdm(todo, desc=METHOD_NAMES[method], unit="relation", disable=not show_progress, mininterval=2.0)
     for i, (relation, seed) in enumerate(bar):
@@ -127,7 +126,7 @@ def _run_one_by_one(report, settings, base, method, todo, store, key, clock, roo
         if method != "manual":
             lm = load_lm(report.model)  # every relation starts from the pretrained LM
             plan = base.with_overrides({"train.seed": seed, "task": relation}).tasks[0]
-        run_dir = scratch_dir(work / (f"{relation}-s{seed}" if seed is not None else relation), key(relation, seed))
+        run_dir = store.scratch(method, relation, seed, key(relation, seed))
         result = run_relation(plan, lm, base.params, run_dir)
         remove_checkpoints(run_dir)  # a finished unit keeps its figures, not an LM's resume state
         store.put(method, relation, seed, key(relation, seed), {
@@ -140,7 +139,7 @@ def _run_one_by_one(report, settings, base, method, todo, store, key, clock, roo
     return {}
 
 
-def _run_ptuning(report, settings, base, method, todo, store, key, clock, root, show_progress, on_progress) -> dict:
+def _run_ptuning(report, settings, base, method, todo, store, key, clock, show_progress, on_progress) -> dict:
     """Every missing (relation, seed) prompt in one shared-batch training over one frozen LM."""
     from components.models.catalog import load_lm
 

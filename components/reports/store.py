@@ -16,6 +16,10 @@ from components.common import safe_name, stable_hash
 from components.run_dir import hold
 
 
+def unit_name(task: str, seed: int | None) -> str:
+    return f"{task}-s{seed}" if seed is not None else task
+
+
 class UnitStore:
     """`<root>/<method>/<task>-s<seed>.json`, each holding the hash of the settings that produced it: a unit of
     other settings is not reused (it is recomputed and overwritten)."""
@@ -24,7 +28,19 @@ class UnitStore:
         self.root = Path(root)
 
     def path(self, method: str, task: str, seed: int | None) -> Path:
-        return self.root / method / (f"{task}-s{seed}.json" if seed is not None else f"{task}.json")
+        return self.root / method / f"{unit_name(task, seed)}.json"
+
+    def scratch(self, method: str, task: str, seed: int | None, settings_hash: str) -> Path:
+        """The unit's working directory, in its report folder (`.scratch/`, gitignored; held by `lock`), emptied
+        unless a run of the same unit and settings left it: only that run's checkpoint may be resumed, never one
+        trained with other settings or for another report folder."""
+        directory = self.root.parent / ".scratch" / method / unit_name(task, seed)
+        marker = directory / "unit_key.txt"
+        if not (marker.exists() and marker.read_text() == settings_hash):
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            marker.write_text(settings_hash)
+        return directory
 
     def get(self, method: str, task: str, seed: int | None, settings_hash: str) -> dict | None:
         path = self.path(method, task, seed)
@@ -96,17 +112,6 @@ def report_dir(root: Path, benchmark: str, name: str, params: dict) -> Path:
     """`reports/<benchmark>/<name>`; a table of other parameters (the command's --preset / --set) gets a folder of
     its own (`<name>-preset-paper`), so that it never overwrites the default table's units."""
     return root / "reports" / benchmark / safe_name(name, *(f"{k}-{v}" for k, v in sorted(params.items())))
-
-
-def scratch_dir(directory: Path, key: str) -> Path:
-    """A unit's working directory, emptied unless a run of the same unit and settings left it: only that run's
-    checkpoint may be resumed, never one trained with other settings."""
-    marker = directory / "unit_key.txt"
-    if not (marker.exists() and marker.read_text() == key):
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        marker.write_text(key)
-    return directory
 
 
 class UnitKey:

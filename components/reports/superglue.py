@@ -25,7 +25,7 @@ from components.benchmarks.superglue.run import SETTINGS
 from components.benchmarks.superglue.tasks import TASKS
 from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      overrides_line, own_option, scratch_dir, subset_label, unique,
+                                      overrides_line, own_option, subset_label, unique,
                                       versions_line, write_atomic)
 from components.run_config import resolve
 
@@ -92,14 +92,13 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
         seeds = report.seeds if METHODS[method].trains else (None,)
         todo += [(method, t, s) for t, s in store.missing(method, [(t, s) for s in seeds for t in report.tasks], keys[method])]
     log.info("%d units to run", len(todo))
-    work = root / "outputs" / "reports" / "superglue" / report.output_dir.name
     bar = tqdm(todo, desc="SuperGLUE", unit="run", disable=not show_progress, mininterval=2.0)
     for i, (method, task, seed) in enumerate(bar):
         bar.set_postfix_str(f"{method} {task} seed {seed}", refresh=False)
         t0 = time.time()
         config = report.config(settings, method, seed if seed is not None else report.seeds[0], root, task)
         key = keys[method](task, seed)
-        run_dir = scratch_dir(work / method / (f"{task}-s{seed}" if seed is not None else task), key)
+        run_dir = store.scratch(method, task, seed, key)
         metrics = run(config, run_dir)
         figures = metrics["tasks"][task]
         history = json.loads((run_dir / "history.json").read_text())[task]
