@@ -544,8 +544,10 @@ def report(benchmark: str = "lama", model: str = "smollm2-135m", seeds: Optional
     done = report_table(benchmark, model, str(root), seeds, methods, tasks, overrides, output_dir, command)
     out = Path(done["output_dir"])
     tracker = Tracker(uri, tracking["experiment"], project_dir=root)
-    with tracker.trial_run(f"report-{benchmark}-{model}", {"model": model, "seeds": seeds, "methods": methods,
-                                                           "tasks": tasks, **overrides},
+    results = done["results"]  # what the table was resolved to (null parameters: params/report.yaml)
+    resolved = {"model": model, "seeds": results["seeds"], "methods": list(results["methods"]),
+                "tasks": results.get("relations", results.get("tasks")), **overrides}
+    with tracker.trial_run(f"report-{benchmark}-{model}", resolved,
                            {"role": "report", "benchmark": benchmark, "model": model}) as run:
         tracker.log_metrics(done["headline"])
         tracker.log_report(out, run.info.run_id)

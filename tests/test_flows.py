@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from components.config import load_params
 from services import REPO, start, stop, wait_http
 
 BIN = Path(sys.executable).parent
@@ -168,7 +169,7 @@ def test_report_deployment_writes_the_table_and_logs_it(stack, first_runs):
 
     out = stack["tmp"] / "report"
     handle = start_deployment(stack, "lama", {
-        "model": "tiny-gpt2", "tasks": ["P1376"], "methods": ["manual", "ptuning"], "seeds": [34],
+        "model": "tiny-gpt2", "tasks": ["P1376"], "methods": ["manual", "ptuning"],  # seeds: params/report.yaml's
         "output_dir": str(out), "overrides": {"train.max_steps": 2, "train.eval_every": 2,
                                               "tracking.uri": stack["mlflow"], "tracking.experiment": "e2e-report"}},
         flow="ptuning-report")
@@ -179,6 +180,9 @@ def test_report_deployment_writes_the_table_and_logs_it(stack, first_runs):
     client = MlflowClient(stack["mlflow"])
     [run] = client.search_runs([client.get_experiment_by_name("e2e-report").experiment_id])
     assert "ptuning.macro_test_p1" in run.data.metrics
+    # the run records the seeds the table was resolved to, not the flow's null parameter
+    assert results["seeds"] == load_params("report", REPO)["lama"]["seeds"]
+    assert run.data.params["seeds"] == str(results["seeds"]) and run.data.params["tasks"] == "['P1376']"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/REPORT.md", "report/results.json"}
 
 

@@ -42,7 +42,7 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     for method in ("manual", "ptuning"):
         entry = results["methods"][method]
         assert set(entry["relations"]) == {"P36", "P1376"} and entry["n_relations"] == 2
-        assert 0.0 <= entry["macro_test_p1"] <= 1.0 and entry["macro_test_p1_std"] >= 0.0
+        assert 0.0 <= entry["macro_test_p1"] <= 1.0
         mean = sum(r["test_p1"] for r in entry["relations"].values()) / 2
         assert entry["macro_test_p1"] == pytest.approx(mean)
     ptuning = results["methods"]["ptuning"]
@@ -52,6 +52,21 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     report = (out / "REPORT.md").read_text()
     assert results["command"] in report and "ptuning report lama --model tiny-gpt2" in results["command"]
     assert "gpt2-medium (paper) | 20.3" in report and "| P1376 |" in report
+    # two seeds have a sample std, the manual prompt's single run none; 2 relations are a subset of the paper's 41
+    by_seed = ptuning["macro_test_p1_by_seed"]
+    assert ptuning["macro_test_p1_std"] == pytest.approx(abs(by_seed[0] - by_seed[1]) / 2 ** 0.5)
+    assert results["methods"]["manual"]["macro_test_p1_std"] is None
+    assert "2 of the 41 relations (P36, P1376); mean ± sample std (n-1) over the 2 seeds" in report
+    [ours] = [line for line in report.splitlines() if line.startswith("| **tiny-gpt2 (ours)**")]
+    manual_cell, _, _, ptuning_cell = ours.split(" | ")[1:5]
+    assert manual_cell.endswith(" (2 rel.)") and "±" not in manual_cell and " ± " in ptuning_cell
+    # the no-LM floor: each relation's most frequent training answer, scored on the facts the LM was scored on
+    for relation, top in results["majority"]["relations"].items():
+        rows = lambda split: [json.loads(line)["obj_label"] for line in
+                              (small_lama / "29k" / relation / f"{split}.jsonl").read_text().splitlines()]
+        assert top["answer"] in rows("train") and top["n_test"] == ptuning["relations"][relation]["n_test"]
+        assert top["test_p1"] * top["n_test"] == pytest.approx(rows("test").count(top["answer"]))
+    assert "Majority answer (no LM" in report and f"({results['majority']['relations']['P36']['answer']})" in report
     # the recipe and the code the units were keyed on, as resolved
     recipe = results["provenance"]["ptuning"]
     assert recipe["params"]["train"]["max_steps"] == 4 and "task" not in recipe["params"]
@@ -165,6 +180,14 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     assert results["command"] in report and "| **P-tuning (ours)** |" in report
     assert "P-tuning, albert-xxlarge-v2 (paper) | 76.5 | 92.9 / 92.3 | 36.1 / 75.0 |" in report
     assert "first 8 val examples" in report
+    # the no-LM floor, on the val examples the table is scored on: MultiRC's "0" label gets no F1a, and its EM
+    # counts the questions whose options are all false
+    majority = results["majority"]["tasks"]
+    assert {t: m["n_val"] for t, m in majority.items()} == {t: e["n_val"] for t, e in results["methods"]["ptuning"]["tasks"].items()}
+    assert majority["multirc"]["label"] == "0" and majority["multirc"]["val"]["f1a"] == 0.0
+    assert majority["cb"]["val"]["score"] == pytest.approx((majority["cb"]["val"]["acc"] + majority["cb"]["val"]["f1_macro"]) / 2)
+    [row] = [line for line in report.splitlines() if line.startswith("| most frequent training label (no LM) |")]
+    assert row.endswith(f" | {100 * results['majority']['macro_val_score']:.1f} (3 tasks) |") and "±" not in row
     # what the runs selected on, as their units record it, and the command's overrides of the budget
     assert "keep the state best on dev32 and are scored on SuperGLUE val" in report and "| dev32 score |" in report
     assert '"train.max_steps": 2' in report.split("## Val scores")[0]

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from components.run_dir import RunDirBusy
-from components.reports.store import Clock, UnitKey, UnitStore, methods_and_seeds, report_dir
+from components.reports.store import Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, pct, report_dir
 
 
 def test_only_units_of_the_current_settings_count(tmp_path):
@@ -82,8 +82,15 @@ def test_a_units_key_does_not_depend_on_the_runs_first_seed(repo_dir, monkeypatc
     assert first_34("P19", 35) == first_35("P19", 35) and first_34.settings == first_35.settings
     assert first_34("P19", 35) != first_34("P19", 36) != first_34("P36", 36)
     assert UnitKey(config(**{"train.lr": 0.002}))("P19", 35) != first_34("P19", 35)
-    monkeypatch.setattr("torch.cuda.is_available", lambda: not first_34.fingerprint["device"] == "cuda")
-    assert UnitKey(config(**{"train.seed": 34}))("P19", 35) != first_34("P19", 35)  # bf16 on a GPU, fp32 on a CPU
+    # a unit of one machine is not another's: the CPU (fp32), and per GPU what `precision: auto` resolves to on it
+    keys = set()
+    for gpu, name, bf16 in ((False, "", False), (True, "NVIDIA H200", True), (True, "NVIDIA V100", False),
+                            (True, "NVIDIA H100", True)):
+        monkeypatch.setattr("torch.cuda.is_available", lambda: gpu)
+        monkeypatch.setattr("torch.cuda.get_device_name", lambda index=0: name)
+        monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: bf16)
+        keys.add(UnitKey(config(**{"train.seed": 34}))("P19", 35))
+    assert len(keys) == 4
 
 
 def test_a_second_run_on_the_same_report_folder_stops_at_once(tmp_path):
@@ -102,3 +109,11 @@ def test_a_reports_time_counts_only_its_methods_under_their_current_settings(tmp
         store.add_timing(method, time.time() - 10, settings)
     keys = {"manual": type("Key", (), {"settings": "a"}), "ptuning": type("Key", (), {"settings": "new"})}
     assert list(store.timings_of(keys)) == ["manual"]
+
+
+def test_a_zero_spread_over_seeds_is_shown_and_a_single_run_has_none():
+    # three seeds that agree are a figure (± 0.0); one run has no std, and must not read like that
+    assert mean_std([0.5, 0.5, 0.5]) == (0.5, 0.0) and pct(*mean_std([0.5, 0.5, 0.5])) == "50.0 ± 0.0"
+    assert mean_std([0.25]) == (0.25, None) and pct(*mean_std([0.25])) == "25.0"
+    assert mean_std([0.2, 0.4])[1] == pytest.approx(0.2 / 2 ** 0.5)  # the sample std (n-1), as REPORT.md says
+    assert pct(None) == "–"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -20,16 +21,19 @@ import torch
 
 from components.benchmarks import TaskPlan
 from components.benchmarks.lama import shared
-from components.benchmarks.lama.run import relations_of, run_relation
+from components.benchmarks.lama.run import Candidates, relations_of, run_relation
 from components.common import remove_checkpoints, stable_hash
+from components.data.sources import read_jsonl
 from components.reports.figures import clear, curves, grouped_bars, section
-from components.reports.store import (Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      overrides_line, own_option, subset_label, unique,
+from components.reports.store import (Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, overrides_line,
+                                      own_option, pct, provenance, report_dir, std_line, subset_label, unique,
                                       versions_line, write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
 OPTION = "vocab"
+N_RELATIONS = len(relations_of("all"))  # the paper's rows average over all of them
+MAJORITY = "majority answer"  # the no-LM baseline of `majority_answers`
 METHOD_NAMES = {"manual": "MP", "finetune": "FT", "manual-finetune": "MP+FT", "ptuning": "P-tuning"}
 LM_TRAINED = ("finetune", "manual-finetune")
 
@@ -98,6 +102,8 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
             clock = Clock(store, method, key.settings)
             clock.tick(runner(report, settings, base, method, todo, store, key, clock, show_progress, on_progress))
     results = _aggregate(report, settings, store, keys, lm_subset, on_gpu)
+    params = report.config(settings, report.methods[0], report.seeds[0], root).params  # data_dir, vocab: the table's
+    results["majority"] = majority_answers(report.model, report.relations, params)
     results["provenance"] = provenance(keys)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
@@ -202,6 +208,23 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_
             "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()), "methods": methods}
 
 
+def majority_answers(model: str, relations, params: dict) -> dict:
+    """Per relation, the test P@1 of always giving its most frequent training answer, over the facts the LM is
+    scored on (answers that are one token of it): no LM, only the class prior that a prompt can learn without
+    knowing any fact (P136's "jazz" is right for 70% of its test facts). The floor a gain is read against."""
+    from components.models.catalog import load_tokenizer
+
+    words = set(Candidates.load(params, load_tokenizer(model)).words)
+    answers = lambda relation, split: [r["obj_label"] for r in read_jsonl(
+        Path(params["data_dir"]) / params["vocab"] / relation / f"{split}.jsonl") if r["obj_label"] in words]
+    found = {}
+    for relation in relations:
+        train, test = answers(relation, "train"), answers(relation, "test")
+        answer = Counter(train).most_common(1)[0][0] if train else None  # no training facts: no prior to learn
+        found[relation] = {"answer": answer, "test_p1": sum(a == answer for a in test) / len(test), "n_test": len(test)}
+    return {"macro_test_p1": sum(r["test_p1"] for r in found.values()) / len(found), "relations": found}
+
+
 FIGURES = {"relations.png": "per relation", "learning_curves.png": "dev learning curves", "macro.png": "macro"}
 
 
@@ -214,7 +237,8 @@ def _figures(report: Report, results: dict, store: UnitStore) -> None:
         gain = lambda r: methods[shown[-1]]["relations"][r]["test_p1"] - methods[shown[0]]["relations"][r]["test_p1"]
         rels.sort(key=gain, reverse=True)
         grouped_bars(out / "relations.png", rels,
-                     {METHOD_NAMES[m]: [100 * methods[m]["relations"][r]["test_p1"] for r in rels] for m in shown},
+                     {**{METHOD_NAMES[m]: [100 * methods[m]["relations"][r]["test_p1"] for r in rels] for m in shown},
+                      MAJORITY: [100 * results["majority"]["relations"][r]["test_p1"] for r in rels]},
                      "test P@1 (%)", f"LAMA-{report.vocab} per relation, {report.model}")
     if methods.get("ptuning", {}).get("relations"):
         lines = {r: [(s, 100 * p) for s, p in v["dev_curve"]] for r, v in methods["ptuning"]["relations"].items()}
@@ -223,10 +247,12 @@ def _figures(report: Report, results: dict, store: UnitStore) -> None:
     done = [m for m in report.methods if "macro_test_p1" in methods[m]]
     if done:
         grouped_bars(out / "macro.png",
-                     [METHOD_NAMES[m] + subset_label(methods[m]["n_relations"], len(report.relations), "rel.") for m in done],
-                     {report.model: [100 * methods[m]["macro_test_p1"] for m in done]},
+                     [METHOD_NAMES[m] + subset_label(methods[m]["n_relations"], N_RELATIONS, "rel.") for m in done]
+                     + [MAJORITY + subset_label(len(report.relations), N_RELATIONS, "rel.")],
+                     {report.model: [100 * methods[m]["macro_test_p1"] for m in done]
+                                    + [100 * results["majority"]["macro_test_p1"]]},
                      "macro test P@1 (%)", f"LAMA-{report.vocab}: macro P@1 over relations",
-                     errors={report.model: [100 * methods[m]["macro_test_p1_std"] for m in done]})
+                     errors={report.model: [100 * (methods[m]["macro_test_p1_std"] or 0.0) for m in done] + [0.0]})
 
 
 def _recipe(results: dict) -> str:
@@ -242,10 +268,11 @@ def _recipe(results: dict) -> str:
             f"patience {train['patience']}, encoder {params['encoder']}, init {params['init']}, {shape}.")
 
 
-def _pct(value, std=None) -> str:
-    if value is None:
-        return "–"
-    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std else "")
+def _over(relations) -> str:
+    """"the 41 relations", or "2 of the 41 relations (P19, P36)": a subset is not the paper's table."""
+    if len(relations) == N_RELATIONS:
+        return f"the {N_RELATIONS} relations"
+    return f"{len(relations)} of the {N_RELATIONS} relations ({', '.join(relations)})"
 
 
 def _markdown(report: Report, results: dict, settings: dict) -> str:
@@ -258,16 +285,20 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
              f"invocation and seed, current settings): {results['wall_s'] / 60:.1f} min "
              f"({phases}). "
              f"Seeds {', '.join(map(str, report.seeds))} (the manual prompt has none). P@1 in %, restricted to the "
-             f"LAMA-{report.vocab} answer vocabulary, macro-averaged over relations; mean ± std over seeds."
+             f"LAMA-{report.vocab} answer vocabulary, macro-averaged over {_over(report.relations)}; {std_line(report.seeds)}."
              + _recipe(results) + overrides_line(report.params), "", versions_line(results["provenance"]), "",
              "## Macro P@1", "",
              "| | " + " | ".join(METHOD_NAMES[m] for m in METHOD_NAMES) + " |", "|---" * (len(METHOD_NAMES) + 1) + "|"]
-    ours = [_pct(methods[m].get("macro_test_p1"), methods[m].get("macro_test_p1_std"))
-            + subset_label(methods[m]["n_relations"], len(report.relations), "rel.")
+    ours = [pct(methods[m].get("macro_test_p1"), methods[m].get("macro_test_p1_std"))
+            + subset_label(methods[m]["n_relations"], N_RELATIONS, "rel.")
             if m in methods else "not run" for m in METHOD_NAMES]
     lines.append(f"| **{report.model} (ours)** | " + " | ".join(ours) + " |")
     for model, row in paper.items():
         lines.append(f"| {model} (paper) | " + " | ".join(str(row.get(m, "–")) for m in METHOD_NAMES) + " |")
+    majority = results["majority"]
+    lines += ["", f"Majority answer (no LM: each relation's most frequent training answer, scored on the same test "
+                  f"facts): {pct(majority['macro_test_p1'])} macro P@1, the class prior a prompt can learn without "
+                  "knowing a fact."]
     lm_trained = [m for m in LM_TRAINED if m in methods]
     if lm_trained and results["lm_trained_relations"] != results["relations"]:
         lines += ["", f"FT and MP+FT train the whole LM per relation: on this CPU only the relations "
@@ -278,24 +309,27 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
         gains = sorted(((methods["ptuning"]["relations"][r]["test_p1"] - methods["manual"]["relations"][r]["test_p1"], r)
                         for r in both), reverse=True)
         if gains:
-            fmt = lambda items: ", ".join(f"{r} ({100 * g:+.1f})" for g, r in items)
+            fmt = lambda items: ", ".join(f"{r} ({100 * g:+.1f}; majority answer {pct(majority['relations'][r]['test_p1'])})"
+                                          for g, r in items)
             lines += ["", "## Where P-tuning gains", "", f"Most: {fmt(gains[:5])}.", "",
                       f"Least: {fmt(gains[::-1][:5])}.", "",
-                      f"P-tuning beats the manual prompt on {sum(g > 0 for g, _ in gains)} of {len(gains)} relations."]
+                      f"P-tuning beats the manual prompt on {sum(g > 0 for g, _ in gains)} of {len(gains)} relations, "
+                      f"and the majority answer on {sum(methods['ptuning']['relations'][r]['test_p1'] > majority['relations'][r]['test_p1'] for r in both)}."]
         stuck = [f"{r} (seed {s})" for r in both for s in methods["ptuning"]["relations"][r]["seeds_dev_always_0"]]
         if stuck:
             lines += ["", f"P-tuning's dev P@1 stayed at 0 at every evaluation, a failed training rather than a small "
                           f"gain, for {len(stuck)} of {len(both) * len(report.seeds)} prompts: {', '.join(stuck)}."]
     lines += ["", "## Per relation", "", "| relation | n test | " + " | ".join(METHOD_NAMES[m] for m in report.methods)
-              + " | P-tuning dev | P-tuning steps |", "|---" * (len(report.methods) + 4) + "|"]
+              + " | majority answer | P-tuning dev | P-tuning steps |", "|---" * (len(report.methods) + 5) + "|"]
     for relation in report.relations:
-        cells = [_pct(methods[m]["relations"][relation]["test_p1"], methods[m]["relations"][relation]["test_p1_std"])
+        cells = [pct(methods[m]["relations"][relation]["test_p1"], methods[m]["relations"][relation]["test_p1_std"])
                  if relation in methods[m]["relations"] else "–" for m in report.methods]
         pt = methods.get("ptuning", {}).get("relations", {}).get(relation, {})
         n_test = next((methods[m]["relations"][relation]["n_test"] for m in report.methods
                        if relation in methods[m]["relations"]), "–")
-        lines.append(f"| {relation} | {n_test} | " + " | ".join(cells)
-                     + f" | {_pct(pt.get('dev_p1'))} | {pt.get('steps', '–') if pt else '–'} |")
+        top = majority["relations"][relation]
+        lines.append(f"| {relation} | {n_test} | " + " | ".join(cells) + f" | {pct(top['test_p1'])} ({top['answer']})"
+                     + f" | {pct(pt.get('dev_p1'))} | {pt.get('steps', '–') if pt else '–'} |")
     timing = methods.get("ptuning", {}).get("timing", {})
     if timing.get("train_s"):
         evaluation = timing["dev_eval_s"] + timing["test_eval_s"]

@@ -114,18 +114,27 @@ def report_dir(root: Path, benchmark: str, name: str, params: dict) -> Path:
     return root / "reports" / benchmark / safe_name(name, *(f"{k}-{v}" for k, v in sorted(params.items())))
 
 
+def device_kind() -> str:
+    """What a unit's figures depend on of the machine: "cpu" (fp32), or the GPU's name and what `precision: auto`
+    resolves to on it (components/training/loop.py), so that a unit is never reused on a GPU that computes in
+    another precision or with other kernels."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda {torch.cuda.get_device_name(0)} {'bf16' if torch.cuda.is_bf16_supported() else 'fp32'}"
+
+
 class UnitKey:
     """The settings hash of a report's (task, seed) unit, `key(task, seed)`: the run configuration's fingerprint
     (params, code and data versions) without its task list and run seed (a unit's own seed is in its key, so
-    `--seeds 35,36` reuses the units of a `--seeds 34,35,36` run), the device kind it runs on (bf16 on a GPU,
-    fp32 on a CPU: `precision: auto`), plus `extra`. A unit computed otherwise is never reused. `settings`: the
+    `--seeds 35,36` reuses the units of a `--seeds 34,35,36` run), the device it runs on (`device_kind`), plus
+    `extra`. A unit computed otherwise is never reused. `settings`: the
     hash of the method's settings alone."""
 
     def __init__(self, config, **extra):
         self.fingerprint = config.fingerprint()
         params = {k: v for k, v in self.fingerprint["params"].items() if k != "task"}
         params["train"] = {k: v for k, v in params["train"].items() if k != "seed"}
-        self.fingerprint.update(params=params, device="cuda" if torch.cuda.is_available() else "cpu", **extra)
+        self.fingerprint.update(params=params, device=device_kind(), **extra)
         self.settings = stable_hash(self.fingerprint)
 
     def __call__(self, task: str, seed: int | None) -> str:
@@ -149,7 +158,8 @@ def versions_line(provenance: dict) -> str:
 
 
 def subset_label(n: int, total: int, what: str) -> str:
-    """" (2 rel.)" beside a method averaged over fewer relations or tasks than the table's: not comparable."""
+    """" (2 rel.)" beside a method averaged over fewer relations or tasks than the benchmark has (`total`: all of
+    them, as in the paper's rows beside it): not comparable with them."""
     return f" ({n} {what})" if n != total else ""
 
 
@@ -193,10 +203,23 @@ def unique(values, name: str):
     return values
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n-1); None for a single value, which has no spread to show (a real 0
+    over three seeds is a figure, and must not read like the manual prompt's single run)."""
     values = [float(v) for v in values]
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def pct(value: float | None, std: float | None = None) -> str:
+    """A table cell in %: `35.7 ± 2.6`, `14.8` for a single run, `–` for none."""
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def std_line(seeds) -> str:
+    """REPORT.md's words on its ± figures."""
+    return f"mean ± sample std (n-1) over the {len(seeds)} seeds" if len(seeds) > 1 else f"one seed ({seeds[0]}): no std"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,12 +22,13 @@ from typing import Callable
 import torch
 
 from components.benchmarks.superglue.methods import METHODS
-from components.benchmarks.superglue.run import SETTINGS
+from components.benchmarks.superglue.metrics import primary_score, task_metrics
+from components.benchmarks.superglue.run import SETTINGS, load_splits
 from components.benchmarks.superglue.tasks import TASKS
 from components.reports.figures import clear, curves, grouped_bars, section
-from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, provenance, report_dir,
-                                      overrides_line, own_option, subset_label, unique,
-                                      versions_line, write_atomic)
+from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, overrides_line, own_option,
+                                      pct, provenance, report_dir, std_line, subset_label, unique, versions_line,
+                                      write_atomic)
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,23 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, roo
             "budget_overrides": settings["budget"][report.budget] or {}, "seeds": list(report.seeds),
             "max_eval_examples": evaluated.params.get("max_eval_examples"),
             "tasks": list(report.tasks), "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()),
-            "methods": methods}
+            "methods": methods, "majority": majority_class(report.tasks, evaluated.params)}
+
+
+def majority_class(tasks, params: dict) -> dict:
+    """Per task, the val metrics of always predicting its most frequent training label (SuperGLUE's "most frequent
+    class" baseline; the first one seen on a tie), on the val examples the table is scored on: no LM, the floor
+    that a trained method's figure is read against."""
+    found = {}
+    for name in tasks:
+        spec = TASKS[name]
+        splits = load_splits(spec, params)
+        label = Counter(ex.label for ex in splits["train"]).most_common(1)[0][0]
+        val = splits["val"]
+        metrics = task_metrics(spec.metrics, [label] * len(val), [ex.label for ex in val], groups=spec.kind.groups(val))
+        found[name] = {"label": label, "n_val": len(val), "val": {**metrics, "score": primary_score(metrics, spec.metrics)},
+                       "val_std": {m: None for m in [*metrics, "score"]}}
+    return {"macro_val_score": sum(t["val"]["score"] for t in found.values()) / len(found), "tasks": found}
 
 
 FIGURES = {"tasks.png": "per task", "learning_curves.png": "dev learning curves", "macro.png": "macro"}
@@ -176,7 +194,8 @@ def _figures(report: Report, results: dict) -> None:
         grouped_bars(out / "tasks.png", [TASKS[t].folder for t in tasks],
                      {METHOD_NAMES[m]: [100 * methods[m]["tasks"][t]["val"]["score"] for t in tasks] for m in shown},
                      "val score (%)", f"SuperGLUE {report.setting} per task, {report.model} (± std over seeds)",
-                     errors={METHOD_NAMES[m]: [100 * methods[m]["tasks"][t]["val_std"]["score"] for t in tasks] for m in shown})
+                     errors={METHOD_NAMES[m]: [100 * (methods[m]["tasks"][t]["val_std"]["score"] or 0.0) for t in tasks]
+                             for m in shown})
     lines = {TASKS[t].folder: [(s, 100 * v) for s, v in entry["dev_curve"]]
              for t, entry in methods.get("ptuning", {}).get("tasks", {}).items()}
     if any(lines.values()):
@@ -185,18 +204,17 @@ def _figures(report: Report, results: dict) -> None:
     done = [m for m in report.methods if "macro_val_score" in methods[m]]
     if done:
         grouped_bars(out / "macro.png",
-                     [METHOD_NAMES[m] + subset_label(methods[m]["n_tasks"], len(report.tasks), "tasks") for m in done],
+                     [METHOD_NAMES[m] + subset_label(methods[m]["n_tasks"], len(TASKS), "tasks") for m in done],
                      {report.model: [100 * methods[m]["macro_val_score"] for m in done]},
                      "mean val score over tasks (%)", f"SuperGLUE {report.setting}: macro score",
-                     errors={report.model: [100 * methods[m]["macro_val_score_std"] for m in done]})
+                     errors={report.model: [100 * (methods[m]["macro_val_score_std"] or 0.0) for m in done]})
 
 
 def _cell(entry: dict | None, metrics: tuple[str, ...]) -> str:
     """`acc ± std` (or `a ± s / b ± s` for a task of two metrics), in %."""
     if not entry:
         return "–"
-    return " / ".join(f"{100 * entry['val'][m]:.1f}" + (f" ± {100 * entry['val_std'][m]:.1f}" if entry["val_std"][m] else "")
-                      for m in metrics)
+    return " / ".join(pct(entry["val"][m], entry["val_std"][m]) for m in metrics)
 
 
 def _markdown(report: Report, results: dict, settings: dict) -> str:
@@ -215,15 +233,18 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
              + ". Wall time of the runs that computed this folder's units (every invocation and seed, current "
              f"settings): {results['wall_s'] / 60:.1f} min. Seeds {', '.join(map(str, report.seeds))} "
              "(the zero-shot prompt trains nothing: one run). Trained runs keep the state best on "
-             f"{' / '.join(selected) or 'their selection split'} and are scored on SuperGLUE val; figures in %, mean ± std over seeds; the macro score is the mean over tasks of each "
+             f"{' / '.join(selected) or 'their selection split'} and are scored on SuperGLUE val; figures in %, {std_line(report.seeds)}; the macro score is the mean over tasks of each "
              "task's mean metric." + overrides_line(report.params), "", versions_line(results["provenance"]), "", "## Val scores", "", header, "|---" * (len(specs) + 2) + "|"]
     for method in report.methods:
         entry = methods[method]
-        macro = (f"{100 * entry['macro_val_score']:.1f}" + (f" ± {100 * entry['macro_val_score_std']:.1f}"
-                                                           if entry["macro_val_score_std"] else "")
-                 + subset_label(entry["n_tasks"], len(specs), "tasks")) if "macro_val_score" in entry else "–"
+        macro = (pct(entry["macro_val_score"], entry["macro_val_score_std"])
+                 + subset_label(entry["n_tasks"], len(TASKS), "tasks")) if "macro_val_score" in entry else "–"
         lines.append(f"| **{METHOD_NAMES[method]} (ours)** | "
                      + " | ".join(_cell(entry["tasks"].get(s.name), s.metrics) for s in specs) + f" | {macro} |")
+    majority = results["majority"]
+    lines.append("| most frequent training label (no LM) | "
+                 + " | ".join(_cell(majority["tasks"].get(s.name), s.metrics) for s in specs)
+                 + f" | {pct(majority['macro_val_score'])}{subset_label(len(specs), len(TASKS), 'tasks')} |")
     for name, row in (settings["paper_table5"] if report.setting == "fewshot" else {}).items():
         cells = [" / ".join(str(v) for v in (row[s.name] if isinstance(row.get(s.name), list) else [row.get(s.name, "–")]))
                  for s in specs]
