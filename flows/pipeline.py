@@ -35,7 +35,6 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 
 import contextlib
 import logging
-import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from prefect.cache_policies import NO_CACHE
 from components.benchmarks import REGISTRY, get_benchmark
 from components.common import numeric_metrics, safe_name, stable_hash
 from components.config import ConfigError, apply_overrides, in_root, load_params, project_root
+from components.reports.store import mean_std
 
 SECTIONS = ("search", "tracking", "flow")  # override prefixes that address the flow's own settings
 DEFAULT_TRACKING = "sqlite:///mlflow.db"
@@ -351,9 +351,9 @@ def evaluate(job: dict, finals: list[dict], parent_run_id: str) -> dict:
     per_seed = [numeric_metrics(f["metrics"]) for f in finals]
     summary = {}
     for key in sorted(set.intersection(*(set(m) for m in per_seed))):
-        values = [m[key] for m in per_seed]
-        summary[f"{key}.mean"] = statistics.fmean(values)
-        summary[f"{key}.std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary[f"{key}.mean"], std = mean_std([m[key] for m in per_seed])
+        if std is not None:  # one seed has no spread: no std metric, rather than a 0 that reads like one
+            summary[f"{key}.std"] = std
     best = max(finals, key=lambda f: numeric_metrics(f["metrics"])[job["selection_key"]])
     result = {"report_key": job["report_key"], "mean": summary.get(f"{job['report_key']}.mean"),
               "std": summary.get(f"{job['report_key']}.std"), "seeds": [f["seed"] for f in finals],
@@ -475,7 +475,7 @@ def _summary_artifact(run: Plan, results: list[dict]) -> None:
              "|---|---|---|---|---|"]
     for r in results:
         reg = ", ".join(f"{x['name']} v{x['version']} ({', '.join(x['aliases']) or '-'})" for x in r["registered"]) or "-"
-        test = "-" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std'] or 0:.4f}"
+        test = "-" if r["mean"] is None else f"{r['mean']:.4f}" + ("" if r["std"] is None else f" ± {r['std']:.4f}")
         lines.append(f"| {r['study']} | {r['best_params']} | {r['best_dev_score']:.4f} | {test} | {reg} |")
     with contextlib.suppress(Exception):
         create_markdown_artifact("\n".join(lines), key=f"ptuning-{run.benchmark}", description="ptuning results")

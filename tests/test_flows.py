@@ -182,7 +182,7 @@ def test_report_deployment_writes_the_table_and_logs_it(stack, first_runs):
     assert "ptuning.macro_test_p1" in run.data.metrics
     # the run records the seeds the table was resolved to, not the flow's null parameter
     assert results["seeds"] == load_params("report", REPO)["lama"]["seeds"]
-    assert run.data.params["seeds"] == str(results["seeds"]) and run.data.params["tasks"] == "['P1376']"
+    assert run.data.params["seeds"] == str(results["seeds"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} >= {"report/REPORT.md", "report/results.json"}
 
 

@@ -1,6 +1,7 @@
 """`ptuning report lama|superglue` end to end on tiny models: results.json, REPORT.md, figures, resuming, bad input."""
 import json
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -64,9 +65,10 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     for relation, top in results["majority"]["relations"].items():
         rows = lambda split: [json.loads(line)["obj_label"] for line in
                               (small_lama / "29k" / relation / f"{split}.jsonl").read_text().splitlines()]
-        assert top["answer"] in rows("train") and top["n_test"] == ptuning["relations"][relation]["n_test"]
+        assert top["train_count"] == rows("train").count(top["answer"]) == max(Counter(rows("train")).values())
+        assert top["n_test"] == ptuning["relations"][relation]["n_test"]
         assert top["test_p1"] * top["n_test"] == pytest.approx(rows("test").count(top["answer"]))
-    assert "Majority answer (no LM" in report and f"({results['majority']['relations']['P36']['answer']})" in report
+    assert "Majority answer (no LM" in report and f"({results['majority']['relations']['P36']['answer']} ×2)" in report
     # the recipe and the code the units were keyed on, as resolved
     recipe = results["provenance"]["ptuning"]
     assert recipe["params"]["train"]["max_steps"] == 4 and "task" not in recipe["params"]
@@ -93,6 +95,15 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     assert _report(out, small_lama) == 0
     stuck = json.loads((out / "results.json").read_text())["methods"]["ptuning"]["relations"]["P36"]
     assert stuck["seeds_dev_always_0"] == [35] and "P36 (seed 35)" in (out / "REPORT.md").read_text()
+
+    # a unit scored on other test facts than the majority answer's floor: an error, and the table is kept as it was
+    unit, table = out / "units" / "ptuning" / "P36-s34.json", (out / "results.json").read_text()
+    saved = unit.read_text()
+    unit.write_text(json.dumps({**json.loads(saved), "n_test": 999}))
+    capsys.readouterr()
+    assert _report(out, small_lama) == 2 and "other test facts for P36" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == table
+    unit.write_text(saved)
 
     # a run of fewer seeds reuses their units (a unit's key holds its own seed, not the run's first one) ...
     kept = {p: p.stat().st_mtime_ns for p in units}
@@ -186,6 +197,7 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     assert {t: m["n_val"] for t, m in majority.items()} == {t: e["n_val"] for t, e in results["methods"]["ptuning"]["tasks"].items()}
     assert majority["multirc"]["label"] == "0" and majority["multirc"]["val"]["f1a"] == 0.0
     assert majority["cb"]["val"]["score"] == pytest.approx((majority["cb"]["val"]["acc"] + majority["cb"]["val"]["f1_macro"]) / 2)
+    assert {t: m["label_from"] for t, m in majority.items()} == {t: "train" for t in majority}  # the full sets
     [row] = [line for line in report.splitlines() if line.startswith("| most frequent training label (no LM) |")]
     assert row.endswith(f" | {100 * results['majority']['macro_val_score']:.1f} (3 tasks) |") and "±" not in row
     # what the runs selected on, as their units record it, and the command's overrides of the budget

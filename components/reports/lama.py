@@ -104,6 +104,7 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
     results = _aggregate(report, settings, store, keys, lm_subset, on_gpu)
     params = report.config(settings, report.methods[0], report.seeds[0], root).params  # data_dir, vocab: the table's
     results["majority"] = majority_answers(report.model, report.relations, params)
+    _check_same_facts(results)
     results["provenance"] = provenance(keys)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
@@ -209,20 +210,35 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_
 
 
 def majority_answers(model: str, relations, params: dict) -> dict:
-    """Per relation, the test P@1 of always giving its most frequent training answer, over the facts the LM is
-    scored on (answers that are one token of it): no LM, only the class prior that a prompt can learn without
-    knowing any fact (P136's "jazz" is right for 70% of its test facts). The floor a gain is read against."""
+    """Per relation, the test P@1 of always giving its most frequent training answer (the first one seen on a tie;
+    `train_count` says how often it occurs), over the facts the LM is scored on (answers that are one token of it,
+    as `load_relation` keeps them): no LM, only the class prior that a prompt can learn without knowing any fact
+    (P136's "jazz" is right for 70% of its test facts). The floor a gain is read against."""
     from components.models.catalog import load_tokenizer
 
     words = set(Candidates.load(params, load_tokenizer(model)).words)
-    answers = lambda relation, split: [r["obj_label"] for r in read_jsonl(
-        Path(params["data_dir"]) / params["vocab"] / relation / f"{split}.jsonl") if r["obj_label"] in words]
+
+    def answers(relation: str, split: str) -> list[str]:
+        path = Path(params["data_dir"]) / params["vocab"] / relation / f"{split}.jsonl"
+        rows = read_jsonl(path, required=("sub_label", "obj_label")) if path.exists() else []
+        return [r["obj_label"] for r in rows if r["obj_label"] in words]
+
     found = {}
     for relation in relations:
         train, test = answers(relation, "train"), answers(relation, "test")
-        answer = Counter(train).most_common(1)[0][0] if train else None  # no training facts: no prior to learn
-        found[relation] = {"answer": answer, "test_p1": sum(a == answer for a in test) / len(test), "n_test": len(test)}
+        answer, count = Counter(train).most_common(1)[0] if train else (None, 0)  # no training facts: no prior
+        found[relation] = {"answer": answer, "train_count": count, "n_train": len(train),
+                           "test_p1": sum(a == answer for a in test) / len(test), "n_test": len(test)}
     return {"macro_test_p1": sum(r["test_p1"] for r in found.values()) / len(found), "relations": found}
+
+
+def _check_same_facts(results: dict) -> None:
+    """The floor is scored on the facts every method was: a relation whose test count differs is an error."""
+    floor = results["majority"]["relations"]
+    differ = sorted({r for m in results["methods"].values() for r, v in m["relations"].items()
+                     if v["n_test"] != floor[r]["n_test"]})
+    if differ:
+        raise ValueError(f"the majority answer and the units count other test facts for {', '.join(differ)}")
 
 
 FIGURES = {"relations.png": "per relation", "learning_curves.png": "dev learning curves", "macro.png": "macro"}
@@ -297,7 +313,8 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
         lines.append(f"| {model} (paper) | " + " | ".join(str(row.get(m, "–")) for m in METHOD_NAMES) + " |")
     majority = results["majority"]
     lines += ["", f"Majority answer (no LM: each relation's most frequent training answer, scored on the same test "
-                  f"facts): {pct(majority['macro_test_p1'])} macro P@1, the class prior a prompt can learn without "
+                  f"facts): {pct(majority['macro_test_p1'])}{subset_label(len(majority['relations']), N_RELATIONS, 'rel.')} "
+                  "macro P@1, the class prior a prompt can learn without "
                   "knowing a fact."]
     lm_trained = [m for m in LM_TRAINED if m in methods]
     if lm_trained and results["lm_trained_relations"] != results["relations"]:
@@ -328,7 +345,7 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
         n_test = next((methods[m]["relations"][relation]["n_test"] for m in report.methods
                        if relation in methods[m]["relations"]), "–")
         top = majority["relations"][relation]
-        lines.append(f"| {relation} | {n_test} | " + " | ".join(cells) + f" | {pct(top['test_p1'])} ({top['answer']})"
+        lines.append(f"| {relation} | {n_test} | " + " | ".join(cells) + f" | {pct(top['test_p1'])} ({top['answer']} ×{top['train_count']})"
                      + f" | {pct(pt.get('dev_p1'))} | {pt.get('steps', '–') if pt else '–'} |")
     timing = methods.get("ptuning", {}).get("timing", {})
     if timing.get("train_s"):
