@@ -25,7 +25,7 @@ from components.benchmarks.lama.run import Candidates, relations_of, run_relatio
 from components.common import remove_checkpoints, stable_hash
 from components.data.sources import read_jsonl
 from components.reports.figures import clear, curves, grouped_bars, section
-from components.reports.store import (Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, overrides_line,
+from components.reports.store import (Clock, UnitKey, UnitStore, device_kind, mean_std, methods_and_seeds, overrides_line,
                                       own_option, pct, provenance, report_dir, std_line, subset_label, unique,
                                       versions_line, write_atomic)
 from components.run_config import resolve
@@ -101,7 +101,7 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
             runner = _run_ptuning if method == "ptuning" else _run_one_by_one
             clock = Clock(store, method, key.settings)
             clock.tick(runner(report, settings, base, method, todo, store, key, clock, show_progress, on_progress))
-    results = _aggregate(report, settings, store, keys, lm_subset, on_gpu)
+    results = _aggregate(report, settings, store, keys, lm_subset)
     params = report.config(settings, report.methods[0], report.seeds[0], root).params  # data_dir, vocab: the table's
     results["majority"] = majority_answers(report.model, report.relations, params)
     _check_same_facts(results)
@@ -173,7 +173,7 @@ def _run_ptuning(report, settings, base, method, todo, store, key, clock, show_p
     return timing
 
 
-def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_subset, on_gpu: bool) -> dict:
+def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_subset) -> dict:
     """Per method: per relation the mean (and std) over seeds; the macro average per seed, then its mean and
     std over seeds. Only relations with every seed finished count (`n_relations` says how many)."""
     methods, timings = {}, store.timings_of(keys)
@@ -203,7 +203,7 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_
             entry["macro_test_p1_by_seed"] = per_seed
         methods[method] = entry
     return {"benchmark": "lama", "model": report.model, "vocab": report.vocab, "command": report.command,
-            "device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "seeds": list(report.seeds),
+            "device": device_kind(), "seeds": list(report.seeds),
             "relations": list(report.relations), "lm_trained_relations": list(lm_subset),
             "settings": {"overrides": settings["overrides"], "pool": settings["pool"], "lm_batch": settings["lm_batch"]},
             "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()), "methods": methods}

@@ -26,7 +26,7 @@ from components.benchmarks.superglue.metrics import primary_score, task_metrics
 from components.benchmarks.superglue.run import SETTINGS, SPLITS, load_splits
 from components.benchmarks.superglue.tasks import TASKS, read_examples
 from components.reports.figures import clear, curves, grouped_bars, section
-from components.reports.store import (UnitKey, UnitStore, mean_std, methods_and_seeds, overrides_line, own_option,
+from components.reports.store import (UnitKey, UnitStore, device_kind, mean_std, methods_and_seeds, overrides_line, own_option,
                                       pct, provenance, report_dir, std_line, subset_label, unique, versions_line,
                                       write_atomic)
 from components.run_config import resolve
@@ -159,7 +159,7 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, roo
         methods[method] = entry
     evaluated = report.config(settings, report.methods[0], report.seeds[0], root)
     return {"benchmark": "superglue", "model": report.model, "setting": report.setting, "command": report.command,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "budget": report.budget,
+            "device": device_kind(), "budget": report.budget,
             "budget_overrides": settings["budget"][report.budget] or {}, "seeds": list(report.seeds),
             "max_eval_examples": evaluated.params.get("max_eval_examples"),
             "tasks": list(report.tasks), "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()),
