@@ -130,9 +130,9 @@ def test_smollm2_manual_prompt_knows_capitals(lama_data_dir, tmp_path):
 
 def test_the_paper_preset_restores_the_paper_codes_defaults_under_the_commands_overrides():
     tuned, paper = resolve("lama"), resolve("lama", {"preset": "paper"})
-    assert (tuned.params["train"]["lr"], tuned.params["train"]["max_steps"]) == (3e-4, 150)
+    assert (tuned.params["train"]["lr"], tuned.params["train"]["max_steps"], tuned.params["encoder"]) == (1e-3, 150, "mlp")
     assert paper.params["train"]["lr"] == 1e-5 and paper.params["train"]["max_steps"] is None
-    assert paper.params["train"]["patience"] == 20 and paper.params["init"] == "random"
+    assert paper.params["train"]["patience"] == 20 and paper.params["init"] == "random" and paper.params["encoder"] == "lstm"
     assert paper.params["preset"] == "paper" and "presets" not in paper.params  # a run records what it used
     assert paper.fingerprint_hash() != tuned.fingerprint_hash()
     assert resolve("lama", {"preset": "paper", "train.lr": 1e-3}).params["train"]["lr"] == 1e-3  # the command wins

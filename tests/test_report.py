@@ -72,7 +72,7 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
     # the recipe and the code the units were keyed on, as resolved
     recipe = results["provenance"]["ptuning"]
     assert recipe["params"]["train"]["max_steps"] == 4 and "task" not in recipe["params"]
-    assert "lr 0.0003, up to 4 steps at batch 8" in report and f"Library code version {recipe['code_version']}" in report
+    assert "lr 0.001, up to 4 steps at batch 8" in report and f"Library code version {recipe['code_version']}" in report
     for figure in ("relations.png", "learning_curves.png", "macro.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
