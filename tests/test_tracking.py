@@ -198,7 +198,7 @@ def test_registration_refuses_before_logging_anything(tmp_path):
 
 def test_server_logs_a_real_run_and_registers_its_prompt(mlflow_server, tmp_path, repo_dir):
     data = make_lama(tmp_path / "lama")
-    config = resolve("lama", {"task": "P19", "model": "tiny-gpt2", "data_dir": str(data), "train.max_steps": 6,
+    config = resolve("lama", {"task": "P19", "model": "tiny-gpt2", "encoder": "lstm", "data_dir": str(data), "train.max_steps": 6,
                               "train.eval_every": 3, "train.batch_size": 4, "train.lr": 0.01, "train.precision": "fp32"})
     tracker = Tracker(mlflow_server.uri, "test-tracking", log_every=2, project_dir=repo_dir)
     with tracker.parent_run("search-lama-P19", {"search": {"sampler": "grid"}, "task": "P19"}, tags={"flow": "test"}) as parent:
