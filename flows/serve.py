@@ -13,7 +13,8 @@ until it is stopped (Ctrl-C). Then, from any shell that points at the same API:
 
 Every parameter of the flow (flows/pipeline.py `ptuning`) can be given with -p; those not given come from
 params/flow.yaml when the run starts. Serving needs no work pool or worker; for workers on other machines see
-prefect.yaml (README: "Remote Prefect server and workers").
+flows/deploy.py (README: "Workers on other machines"), which registers these deployments on a work pool with
+the checkout as their pull step.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def description(benchmark: str) -> str:
 def deployments(only: list[str] | None = None, **kwargs) -> list:
     """The RunnerDeployments `ptuning/<benchmark>` and `ptuning-report/<benchmark>`. The entry points are module
     paths (`flows.pipeline.ptuning`): a run starts wherever this project is installed (no copy of the code
-    travels). `kwargs` go to `to_deployment` (flows.deploy passes the work pool and the job's environment)."""
+    travels). `kwargs` go to `to_deployment` (flows.deploy passes the work pool and the job's environment, and sets
+    each deployment's storage to the checkout)."""
     from prefect.types.entrypoint import EntrypointType
 
     chosen = only or list(REGISTRY)
