@@ -73,6 +73,10 @@ class UnitStore:
         with hold(self.root.parent):
             yield self
 
+    def write_metrics(self, results: dict, figure: str) -> Path:
+        """The report folder's metrics.json (`write_metrics`), beside its results.json."""
+        return write_metrics(self.root.parent, results, figure)
+
     def timings_of(self, keys: dict) -> dict:
         """`timings` of the report's methods whose time was taken under their current settings (`keys`: method ->
         UnitKey); a method run only under other settings has no time here."""
@@ -222,8 +226,32 @@ def std_line(seeds) -> str:
     return f"mean ± sample std (n-1) over the {len(seeds)} seeds" if len(seeds) > 1 else f"one seed ({seeds[0]}): no std"
 
 
-def write_atomic(path: Path, text: str) -> None:
+METRICS = "metrics.json"  # a report's DVC metrics, beside its results.json
+
+
+def headline_metrics(results: dict, figure: str) -> dict[str, float]:
+    """A report's headline: per method its macro `figure` (results.json's `methods.<method>.<figure>`: LAMA's
+    `macro_test_p1`, SuperGLUE's `macro_val_score`), and the no-LM floor's as `majority`; methods without the
+    figure yet are left out. Fractions, as in results.json."""
+    found = {m: v[figure] for m, v in results["methods"].items() if v.get(figure) is not None}
+    floor = (results.get("majority") or {}).get(figure)
+    return {**found, **({"majority": floor} if floor is not None else {})}
+
+
+def write_metrics(out_dir: Path, results: dict, figure: str) -> Path:
+    """`<out_dir>/metrics.json`: the headline figures alone (`headline_metrics`), the file dvc.yaml declares as
+    the report stage's metrics. One flat row, so that `dvc metrics show` prints the tables in a terminal;
+    results.json keeps every per-relation and per-task figure (as a DVC metric its thousands of keys made rows of
+    72,000 characters)."""
+    path = Path(out_dir) / METRICS
+    write_atomic(path, json.dumps(headline_metrics(results, figure), indent=1) + "\n")
+    return path
+
+
+def write_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return path
+

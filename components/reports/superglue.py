@@ -118,6 +118,7 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
     results["provenance"] = provenance(keys)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
+    store.write_metrics(results, "macro_val_score")  # metrics.json: the macro figures, the stage's DVC metrics
     _figures(report, results)
     write_atomic(report.output_dir / "REPORT.md", _markdown(report, results, settings))
     return results
