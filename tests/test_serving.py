@@ -1,6 +1,8 @@
 """Registered prompts served for real: `mlflow models serve` over HTTP and `ptuning predict`, with pickle
 loading disabled; answers in the task's terms (LAMA words, SuperGLUE labels), equal to the evaluation's and to
-an independent computation; a jointly tuned LM travels with its prompt; unservable kinds are refused."""
+an independent computation; a jointly tuned LM travels with its prompt; unservable kinds are refused; a request
+outside the limits (an empty, too long or unknown field, top_k out of 1..100) gets a 400 naming the field and its
+limit from a server that stays up."""
 import json
 import subprocess
 import sys
@@ -94,6 +96,98 @@ def test_lama_prompt_served_over_http_answers_as_the_evaluation_predicts(mlflow_
 
         missing = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": [{"subject": "Dante"}]}, timeout=60)
         assert 400 <= missing.status_code < 500 and "sub" in missing.json()["message"] and "Field required" in missing.json()["message"]
+
+        # what the model cannot answer as asked: a 400 naming the field and its limit; the server stays up
+        url, good = f"http://127.0.0.1:{port}/invocations", {"inputs": facts[:2], "params": {"top_k": 3}}
+        predictor = PromptPredictor(metrics["prompts"]["P19"])
+        room, long_sub = room_for_fields(metrics["prompts"]["P19"], predictor.tokenizer), "Dante Alighieri " * 1250
+        assert room == 57 and len(long_sub) == 20000  # max_length 64 - the template's 3 + 3 prompt tokens and [Y]
+        limit = f"a text field holds 1 to {room} tokens (the model reads at most 64, the template takes 7)"
+        refused(url, {"inputs": [{"sub": ""}]}, good, "inputs[0].sub is empty", limit)
+        refused(url, {"inputs": [{"sub": "Dante"}, {"sub": " \t"}]}, good, "inputs[1].sub is empty", limit)
+        refused(url, {"inputs": [{"sub": long_sub}]}, good,
+                f"inputs[0].sub is {len(piece_ids(predictor.tokenizer, long_sub))} tokens long (20000 characters)", limit)
+        refused(url, {"inputs": [{"sub": "Dante", "obj": "Florence"}]}, good, "unknown field(s) ['obj']", "fields ['sub']")
+        for top_k in (100000, -1, 0):
+            refused(url, {"inputs": facts[:1], "params": {"top_k": top_k}}, good, f"params.top_k={top_k}",
+                    "top_k must be an integer from 1 to 100")
+        refused(url, {"inputs": [{"sub": 3}]}, good, "sub", "Input should be a valid string")  # a wrong type, as before
+        longest = httpx.post(url, json={"inputs": [{"sub": words(predictor.tokenizer, room)}], "params": {"top_k": 100}}, timeout=60)
+        assert longest.status_code == 200 and len(longest.json()["predictions"][0]["top_k"]) == len(CITIES)  # all it has
+        many = httpx.post(url, json={"inputs": [{"sub": PEOPLE[i % len(PEOPLE)]} for i in range(500)]}, timeout=120)
+        assert many.status_code == 200 and len(many.json()["predictions"]) == 500
+    finally:
+        stop(server)
+
+
+def room_for_fields(prompt_dir: Path, tokenizer) -> int:
+    """The tokens a template leaves its fields in max_length, counted on the training path's encoding: its length
+    with one-word fields, less those words."""
+    meta = json.loads((Path(prompt_dir) / "prompt.json").read_text())
+    template = parse_template(meta["template"])
+    slots = [(i, p.value) for i, p in enumerate(template.parts) if p.kind == "slot"]
+    full = encode(template, tokenizer, {name: "cat" for _, name in slots}, meta["causal"], max_length=10**6)
+    return meta["max_length"] - (len(full.input_ids) - sum(len(piece_ids(tokenizer, "cat", i == 0)) for i, _ in slots))
+
+
+def words(tokenizer, n: int, first: bool = False) -> str:
+    """A text of exactly `n` tokens where it stands (the template's first slot or not)."""
+    text = " ".join(["cat"] * n)
+    assert len(piece_ids(tokenizer, text, first)) == n
+    return text
+
+
+def refused(url: str, body: dict, good: dict, *says: str) -> None:
+    """`body` gets a 400 whose message says all of `says`; `good` is answered right after (the server is up)."""
+    answer = httpx.post(url, json=body, timeout=60)
+    assert answer.status_code == 400, (answer.status_code, answer.text[:1000])
+    message = answer.json()["message"]
+    assert all(part in message for part in says), (says, message[-3000:])
+    assert httpx.post(url, json=good, timeout=60).status_code == 200
+
+
+def test_superglue_prompt_served_over_http_refuses_text_outside_its_limits(mlflow_server, tmp_path):
+    """The same limits for a SuperGLUE prompt's fields (RTE: premise, hypothesis; max_length 256): empty, longer
+    than the room alone, unknown; fields too long together are shortened from the premise as in training, and
+    refused only when the premise cannot absorb it."""
+    prompt_dir = superglue_prompt(tmp_path / "rte")
+    predictor = PromptPredictor(prompt_dir)
+    tokenizer = predictor.tokenizer
+    room = room_for_fields(prompt_dir, tokenizer)
+    tracker = Tracker(mlflow_server.uri, "serving-superglue")
+    with tracker.trial_run("final", {}):
+        version = tracker.register_prompt(prompt_dir, "serving-ptuning-superglue-rte-fewshot-tiny-gpt2",
+                                          {"dev.score": 0.5, "val.score": 0.5}, report_key="val.score")
+    port = free_port()
+    server = start([BIN / "mlflow", "models", "serve", "-m", f"models:/{version.name}@{CHAMPION}", "--env-manager", "local",
+                    "-p", port, "-h", "127.0.0.1"], service_env(MLFLOW_TRACKING_URI=mlflow_server.uri, **NO_PICKLE),
+                   tmp_path / "serve.log", cwd=tmp_path)
+    try:
+        url, good = f"http://127.0.0.1:{port}/invocations", {"inputs": PAIRS, "params": {"top_k": 2}}
+        wait_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log", timeout=240)
+        answer = httpx.post(url, json=good, timeout=60)
+        assert answer.status_code == 200 and [a["prediction"] for a in answer.json()["predictions"]] == \
+            [a["prediction"] for a in predictor.predict(PAIRS, top_k=2)]
+        limit = f"a text field holds 1 to {room} tokens (the model reads at most 256, the template takes {256 - room})"
+        refused(url, {"inputs": [{"premise": "", "hypothesis": "An animal moves"}]}, good, "inputs[0].premise is empty", limit)
+        refused(url, {"inputs": [PAIRS[0], {"premise": "A dog runs", "hypothesis": "  "}]}, good, "inputs[1].hypothesis is empty", limit)
+        refused(url, {"inputs": [{"premise": "x" * 20000, "hypothesis": "An animal moves"}]}, good, "inputs[0].premise is",
+                "(20000 characters)", limit)
+        refused(url, {"inputs": [{"premise": "A dog runs", "hypothesis": words(tokenizer, room + 1)}]}, good,
+                f"inputs[0].hypothesis is {room + 1} tokens long", limit)
+        refused(url, {"inputs": [{**PAIRS[0], "label": "entailment"}]}, good, "unknown field(s) ['label']",
+                "fields ['premise', 'hypothesis']")
+        # together too long: the premise is shortened as in training, unless it is too short to absorb the excess
+        both = httpx.post(url, json={"inputs": [{"premise": words(tokenizer, room - 10, True),
+                                                 "hypothesis": words(tokenizer, room - 5)}]}, timeout=60)
+        assert both.status_code == 200 and both.json()["predictions"][0]["prediction"] in ("entailment", "not_entailment")
+        short = len(piece_ids(tokenizer, "A dog runs", True))
+        refused(url, {"inputs": [{"premise": "A dog runs", "hypothesis": words(tokenizer, room)}]}, good,
+                f"inputs[0]: the fields ['hypothesis', 'premise'] are {room + short} tokens long together, at most {room} fit",
+                f"'premise' is shortened to make room, as in training, but it is {short} tokens long")
+        refused(url, {"inputs": PAIRS, "params": {"top_k": 0}}, good, "top_k must be an integer from 1 to 100")
+        three = httpx.post(url, json={"inputs": PAIRS, "params": {"top_k": 3}}, timeout=60)  # at most its 2 labels
+        assert three.status_code == 200 and all(len(a["top_k"]) == 2 for a in three.json()["predictions"])
     finally:
         stop(server)
 

@@ -20,6 +20,16 @@ What a prompt answers is its benchmark row's `answers` (the request's fields are
     LAMA                     a word of the benchmark vocabulary (vocab.json): top-k with their scores
     SuperGLUE classification its labels through the verbalizer (BoolQ, CB, RTE, WiC; MultiRC per answer option)
     COPA, WSC                refused at registration (the row's check_servable): choice scoring / span generation
+
+What a request may hold (anything else is a 400 naming the field and the limit; the server stays up):
+    fields       exactly the template's slots, each a string (a missing, unknown or non-string field is refused)
+    a text field 1 token at least (not empty, not only spaces) and at most the room the template leaves in the
+                 model's max input length (`max_length` of prompt.json, at most the LM's positions, minus the
+                 template's prompt, anchor, target and special tokens): LAMA's `[P*3] {sub} [P*3] [Y]` at
+                 max_length 64 leaves 57 tokens for `sub`. Fields that fit alone but not together are shortened
+                 from the task's `truncate` slot, as in training (a SuperGLUE passage or premise); a template
+                 without one refuses them.
+    top_k        an integer from 1 to MAX_TOP_K (100); an answer lists min(top_k, its candidates) (RTE: 2 labels)
 """
 from __future__ import annotations
 
@@ -28,7 +38,9 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pydantic import BaseModel, create_model
+from numbers import Integral
+
+from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
 from components.method.model import LM_DIR
 
@@ -37,8 +49,15 @@ MODEL_CODE = Path(__file__).with_name("prompt_model.py")
 # what `import components.mlops.prompt_model` pulls in at serving time, pinned to the versions that logged it
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pydantic", "numpy", "pandas",
                     "pyyaml", "filelock", "gguf")
+MAX_TOP_K = 100  # answers per row at most (LAMA's vocabulary holds thousands of words)
+
+
 class NotServable(ValueError):
     """A prompt the served model cannot answer for in its task's terms: registration refuses it."""
+
+
+class InvalidQuery(ValueError):
+    """A request the served model refuses: the message names the field and its limit (served: HTTP 400)."""
 
 
 class Answer(BaseModel):
@@ -84,8 +103,18 @@ def check_servable(prompt_dir: str | Path) -> dict:
 
 
 def query_type(fields: list[str]) -> type[BaseModel]:
-    """The request row: one required string per template slot (MLflow's signature and validation)."""
-    return create_model("Query", **{name: (str, ...) for name in fields})
+    """The request row: one required string per template slot and nothing else (MLflow's signature and
+    validation; an unknown field is refused by name, not dropped)."""
+
+    def only_the_fields(cls, data):
+        unknown = sorted(set(data) - set(fields)) if isinstance(data, dict) else []
+        if unknown and set(fields) <= set(data):  # else pydantic names the missing ones ("Field required") and these
+            raise ValueError(f"unknown field(s) {unknown}: a row holds exactly the template's fields {fields}")
+        return data
+
+    return create_model("Query", __config__=ConfigDict(extra="forbid"),
+                        __validators__={"only_the_fields": model_validator(mode="before")(only_the_fields)},
+                        **{name: (str, ...) for name in fields})
 
 
 def requirements() -> list[str]:
@@ -125,20 +154,69 @@ class PromptPredictor:
         config = lm.model.config
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
         self.max_length = min(int(self.meta.get("max_length") or limit), int(limit))
+        self.room = self.max_length - self._fixed_tokens()  # tokens the template leaves for its input fields
+
+    def _fixed_tokens(self) -> int:
+        """Tokens of the encoded input that are not a field's: prompt, anchors, one target, special tokens (as
+        components.method.templates.encode lays them out)."""
+        from components.method.templates import piece_ids
+
+        fixed = 0 if self.causal else (self.tokenizer.cls_token_id is not None) + (self.tokenizer.sep_token_id is not None)
+        for i, part in enumerate(self.template.parts):
+            if part.kind == "anchor":
+                fixed += len(piece_ids(self.tokenizer, part.value, i == 0))
+            elif part.kind == "prompt":
+                fixed += part.count
+            elif part.kind == "target":
+                fixed += 1
+        return fixed
 
     def missing(self, rows: list[dict]) -> list[str]:
         return [f for f in self.fields if any(f not in row or row[f] is None for row in rows)]
 
+    def check(self, rows: list[dict], top_k) -> None:
+        """Refuse what the model cannot answer as asked (InvalidQuery names the field and its limit): top_k out of
+        1..MAX_TOP_K, an empty text field, a field longer than the room the template leaves in the model's max
+        input length, fields too long together unless the task's `truncate` slot absorbs it (as in training)."""
+        from components.method.templates import piece_ids
+
+        if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidQuery(f"params.top_k={top_k!r}: top_k must be an integer from 1 to {MAX_TOP_K} "
+                               f"(answers per row; this prompt has {len(self.answers)} candidates)")
+        missing = self.missing(rows)
+        if missing:
+            raise InvalidQuery(f"input lacks field(s) {missing}: the template {self.meta['template']!r} reads {self.fields}")
+        limit = (f"a text field holds 1 to {self.room} tokens (the model reads at most {self.max_length}, "
+                 f"the template takes {self.max_length - self.room})")
+        slots = [(i, part.value) for i, part in enumerate(self.template.parts) if part.kind == "slot"]
+        for n, row in enumerate(rows):
+            lengths: dict[str, list[int]] = {}
+            for i, name in slots:
+                value = row[name]
+                if not isinstance(value, str):
+                    raise InvalidQuery(f"inputs[{n}].{name}: a string is expected, got {type(value).__name__}")
+                if not value.strip():
+                    raise InvalidQuery(f"inputs[{n}].{name} is empty: {limit}")
+                lengths.setdefault(name, []).append(len(piece_ids(self.tokenizer, value, i == 0)))
+            for name, counts in lengths.items():
+                if sum(counts) > self.room:
+                    raise InvalidQuery(f"inputs[{n}].{name} is {sum(counts)} tokens long ({len(row[name])} characters): {limit}")
+            excess = sum(map(sum, lengths.values())) - self.room
+            if excess > 0 and (self.truncate not in lengths or lengths[self.truncate][0] <= excess):
+                absorb = (f"; {self.truncate!r} is shortened to make room, as in training, but it is {lengths[self.truncate][0]} "
+                          f"tokens long" if self.truncate in lengths else "; this template shortens none of them")
+                raise InvalidQuery(f"inputs[{n}]: the fields {sorted(lengths)} are {excess + self.room} tokens long together, "
+                                   f"at most {self.room} fit{absorb}")
+
     def predict(self, rows: list[dict], top_k: int = 5, batch_size: int = 32) -> list[dict]:
-        """One Answer (as a dict) per row; a row without one of the fields fails with a ValueError naming it."""
+        """One Answer (as a dict) per row; a request outside the limits (`check`) fails with InvalidQuery, a
+        ValueError naming the field and its limit."""
         import torch
 
         from components.method.templates import collate, encode, pad_id
 
-        missing = self.missing(rows)
-        if missing:
-            raise ValueError(f"input lacks field(s) {missing}: the template {self.meta['template']!r} reads {self.fields}")
-        encoded = [encode(self.template, self.tokenizer, {f: str(row[f]) for f in self.fields}, self.causal,
+        self.check(rows, top_k)
+        encoded = [encode(self.template, self.tokenizer, {f: row[f] for f in self.fields}, self.causal,
                           n_target_tokens=1, max_length=self.max_length, truncate=self.truncate) for row in rows]
         out = []
         with torch.no_grad():
@@ -200,6 +278,15 @@ def load(model: str):
         return predictor.fields, lambda rows, top_k=5: predictor.predict(rows, top_k=top_k)
     import mlflow
 
+    from mlflow.exceptions import MlflowException
+
     loaded = mlflow.pyfunc.load_model(model)
     fields = input_fields(loaded.metadata.metadata["ptuning"])
-    return fields, lambda rows, top_k=5: [dict(a) for a in loaded.predict(rows, params={"top_k": top_k})]
+
+    def predict(rows: list[dict], top_k: int = 5) -> list[dict]:
+        try:  # the rows' other keys (an input file's extra columns) are not the request's
+            return [dict(a) for a in loaded.predict([{f: row.get(f) for f in fields} for row in rows], params={"top_k": top_k})]
+        except MlflowException as error:
+            raise InvalidQuery(error.message) from None
+
+    return fields, predict
