@@ -83,7 +83,9 @@ def load_params(name: str, root: str | Path | None = None) -> dict:
     if not path.is_file():
         raise ConfigError(f"no parameter file {path}")
     try:
-        content = load_yaml(path.read_text())
+        content = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a YAML text file (byte {error.start} is not UTF-8)") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if content is not None and not isinstance(content, dict):

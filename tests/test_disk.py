@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from components.training import TrainConfig, fit
-from components.training.storage import DiskFull, atomic_write, save_checkpoint
+from components.training.storage import DiskFull, atomic_write, load_checkpoint, save_checkpoint
 from test_resume import ENV, command, make_lama
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
@@ -62,14 +62,15 @@ def test_a_write_that_runs_out_of_space_leaves_the_previous_file_and_no_partial_
 def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmpfs):
     disk = tmpfs("1m")
     with pytest.raises(DiskFull, match=r"no space left in .*tmpfs0 \(\d+\.\d MiB free, about \d+\.\d MiB needed\)"):
-        save_checkpoint({"model": torch.zeros(100_000)}, disk / "last.pt")
+        save_checkpoint({"model": torch.zeros(100_000)}, disk / "last.safetensors")
     assert list(disk.iterdir()) == []
 
 
 def test_fit_on_a_full_disk_stops_with_disk_full_and_keeps_the_last_checkpoint(tmpfs):
-    disk = tmpfs("8m")
+    disk = tmpfs("6m")
     torch.manual_seed(0)
-    model = torch.nn.Linear(500, 500)  # 1 MB of weights: a checkpoint holds 4 copies (weights, best, Adam's 2)
+    # 1 MB of weights: a checkpoint holds 3 or 4 copies (weights, Adam's 2, and the best state when it is another)
+    model = torch.nn.Linear(500, 500)
     x, y = torch.randn(32, 500), torch.randn(32, 500)
     config = TrainConfig(lr=1e-3, batch_size=8, epochs=None, max_steps=8, eval_every=2, precision="fp32")
     evaluations = []
@@ -83,8 +84,8 @@ def test_fit_on_a_full_disk_stops_with_disk_full_and_keeps_the_last_checkpoint(t
             lambda m, b: torch.nn.functional.mse_loss(m(b["x"]), b["y"]), evaluate, config, select=("dev.neg_mse",),
             checkpoint_dir=disk / "checkpoint")
     assert len(evaluations) == 2  # the first checkpoint fitted, the second did not
-    assert sorted(p.name for p in (disk / "checkpoint").iterdir()) == ["last.pt"]
-    assert torch.load(disk / "checkpoint" / "last.pt", weights_only=False)["state"]["step"] == 2
+    assert sorted(p.name for p in (disk / "checkpoint").iterdir()) == ["last.safetensors"]
+    assert load_checkpoint(disk / "checkpoint" / "last.safetensors")["state"]["step"] == 2
 
 
 def test_the_cli_on_a_full_disk_exits_4_with_one_line_and_the_checkpoint_intact(tmpfs, tmp_path, repo_dir):
@@ -92,7 +93,7 @@ def test_the_cli_on_a_full_disk_exits_4_with_one_line_and_the_checkpoint_intact(
     data = make_lama(tmp_path / "lama")
     out = tmpfs("16m") / "run"
     cmd = command(data, out, 150)
-    checkpoint = out / "checkpoint" / "last.pt"
+    checkpoint = out / "checkpoint" / "last.safetensors"
     victim = subprocess.Popen(cmd, cwd=repo_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 240
     while not checkpoint.exists():
@@ -102,7 +103,7 @@ def test_the_cli_on_a_full_disk_exits_4_with_one_line_and_the_checkpoint_intact(
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     saved = checkpoint.read_bytes()
-    assert torch.load(checkpoint, weights_only=False)["state"]["step"] < 150
+    assert load_checkpoint(checkpoint)["state"]["step"] < 150
     _fill(out.parent, leave=64 * 1024)
 
     full = subprocess.run(cmd, cwd=repo_dir, capture_output=True, text=True, timeout=300, env=ENV)
@@ -113,3 +114,25 @@ def test_the_cli_on_a_full_disk_exits_4_with_one_line_and_the_checkpoint_intact(
     assert checkpoint.read_bytes() == saved  # the previous checkpoint, intact
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert not (out / "done.json").exists()
+
+
+def test_a_checkpoint_round_trips_an_optimizer_state_without_pickle(tmp_path):
+    """The optimizer's state is keyed by int and its param groups hold tuples: both come back as torch needs them,
+    from a safetensors file whose structure is JSON (loading runs no code)."""
+    from safetensors import safe_open
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = save_checkpoint({"optimizer": optimizer.state_dict(), "state": {"step": 7, "history": [{"dev.acc": 0.5}]},
+                            "rng": torch.get_rng_state()}, tmp_path / "last.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["structure"])["state"]["step"] == 7
+    loaded = load_checkpoint(path)
+    assert loaded["state"] == {"step": 7, "history": [{"dev.acc": 0.5}]}
+    assert torch.equal(loaded["rng"], torch.get_rng_state())
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(loaded["optimizer"])
+    for p in model.parameters():  # int keys survived: every parameter's moments are restored
+        assert torch.equal(fresh.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])

@@ -64,6 +64,9 @@ def test_cli_trains_ptuning_and_prints_metrics_last(lama_data_dir, tmp_path):
     (["--set", "train.batchsize=8"], "unknown parameter 'train.batchsize'"),
     (["--set", "nonsense=1"], "unknown parameter 'nonsense'"),
     (["--set", "train.lr=-1e-3"], "invalid training settings: lr=-0.001"),
+    (["--set", "train.lr=abc"], "invalid training settings: lr='abc' (expected float)"),
+    (["--set", "train.batch_size=2.5"], "invalid training settings: batch_size=2.5 (expected int)"),
+    (["--set", "train.deterministic=maybe"], "invalid training settings: deterministic='maybe' (expected bool)"),
     (["--set", "encoder=gru"], "unknown prompt encoder 'gru'"),
     (["--vocab", "34k", "--set", "vocab=12k"], "unknown LAMA vocabulary '12k'"),
     (["--set", "init=vocab"], "unknown prompt init 'vocab'"),
@@ -76,6 +79,18 @@ def test_bad_input_fails_clearly_before_any_training(args, message, lama_data_di
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not (tmp_path / "out").exists()  # nothing was trained or written
+
+
+def test_a_params_file_that_is_not_yaml_text_is_named(tmp_path, monkeypatch, capsys):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params" / "lama.yaml").write_bytes(b"train:\n  lr: 1e-3 \xe2\x80\n")  # a cut UTF-8 sequence
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PTUNING_ROOT", raising=False)
+    assert main(["train", "lama", "--model", "tiny-gpt2", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "params" / "lama.yaml") in err and "not a YAML text file" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_points_to_the_stage(tmp_path, capsys):

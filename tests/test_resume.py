@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from components.training.storage import load_checkpoint
 from services import REPO
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
@@ -88,7 +89,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(uninterrupted):
     root, data = uninterrupted
     out = root / "killed"
-    checkpoint = out / "checkpoint" / "last.pt"
+    checkpoint = out / "checkpoint" / "last.safetensors"
     victim = subprocess.Popen(command(data, out), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=ENV)
     deadline = time.time() + 240
@@ -99,7 +100,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(uninterrupt
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL
-    killed_at = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]["step"]
+    killed_at = load_checkpoint(checkpoint)["state"]["step"]
     assert 0 < killed_at < STEPS, f"killed at step {killed_at}: there must be steps left to run"
     assert not (out / "metrics.json").exists()
 

@@ -410,6 +410,9 @@ def test_special_tasks_run_end_to_end(fewglue_dir, tmp_path, task, model, method
         assert metrics["tasks"]["wsc"]["n_train"] == 32  # FewGLUE's WSC train32 holds True examples only
     if method == "ptuning":
         assert json.loads((tmp_path / "prompt" / "prompt.json").read_text())["kind"] == TASKS[task].kind.name
+    if method != "manual-zeroshot":  # the kept state's dev figures are its selection's, not a second evaluation's
+        best = max(json.loads((tmp_path / "history.json").read_text())[task], key=lambda h: h["step"] == metrics["tasks"][task]["best_step"])
+        assert {n: metrics["dev"][n] for n in names} == {n: best[f"dev.{n}"] for n in names}
 
 
 def test_fewshot_training_takes_as_many_passes_as_its_steps_need(fewglue_dir, tmp_path):
@@ -524,15 +527,89 @@ def test_wsc_greedy_fill_is_most_confident_first_for_masked_lms(bert):
     assert model.seen[1][0, 2] == dog and model.seen[1][0, 1] == tok.mask_token_id  # "dog" (more confident) first
 
 
-def test_wsc_greedy_generation_feeds_each_token_back_for_causal_lms(gpt2):
-    tok = gpt2.tokenizer
-    the, dog = tok.encode(" the dog")
-    model = _Scripted([(the, 5.0), (dog, 1.0)], len(tok))
-    input_ids = torch.tensor([[10, 11, 12, 0, 0]])
-    batch = {"input_ids": input_ids, "read_positions": torch.tensor([[2, 3]]), "attention_mask": torch.ones_like(input_ids),
-             "prompt_index": -torch.ones_like(input_ids)}
-    assert kinds.greedy_fill(model, batch, [2], causal=True, tokenizer=tok) == [" the dog"]
-    assert model.seen[1][0, 3] == the  # the first generated token is fed back before the second is read
+def test_wsc_causal_generation_through_the_kv_cache_equals_feeding_each_token_back(gpt2):
+    """The cached decoder gives the tokens that a full pass per token, each token written back into the row,
+    gives: on a real (tiny) causal LM with a trained-shaped prompt at two positions, rows of different lengths."""
+    from components.method.model import PromptedLM, PromptEncoder
+
+    torch.manual_seed(0)
+    model = PromptedLM(gpt2.model, PromptEncoder(2, gpt2.model.get_input_embeddings().embedding_dim, "mlp"), True,
+                       freeze_lm=True).eval()
+    input_ids = torch.randint(5, 500, (2, 12))
+    prompt_index = -torch.ones_like(input_ids)
+    prompt_index[:, 1], prompt_index[:, 4] = 0, 1
+    starts, n = [6, 8], [4, 3]
+    for r in range(2):
+        ids = input_ids[r:r + 1].clone()
+        expected = []
+        for j in range(n[r]):  # the reference: a full pass, then the token written after its read position
+            read = torch.tensor([[starts[r] + j]])
+            token = int(model(ids, prompt_index[r:r + 1], torch.ones_like(ids), read)[0, 0].argmax())
+            expected.append(token)
+            ids[0, starts[r] + j + 1] = token
+        assert model.greedy_continue(input_ids[r], prompt_index[r], starts[r], n[r]) == expected
+
+
+def test_sorted_evaluation_returns_each_prediction_to_its_own_example(fewglue_dir, gpt2):
+    """Evaluation runs in length-sorted chunks: every prediction still lands on its example (checked against
+    one example per chunk, on a real tiny LM whose predictions differ between examples)."""
+    from components.benchmarks.superglue.run import evaluate
+
+    spec, params = TASKS["cb"], make_params(fewglue_dir, model="tiny-gpt2", method="manual-zeroshot")
+    templates = METHODS["manual-zeroshot"].templates(spec, params, gpt2.tokenizer)
+    inputs = Inputs(spec, gpt2.tokenizer, True, "tiny-gpt2", templates, 256)
+
+    class Recording(Classification):
+        def predict(self, model, batch, chunk, inputs):
+            predicted = super().predict(model, batch, chunk, inputs)
+            seen.update({item["ex"].source: p for item, p in zip(chunk, predicted)})
+            return predicted
+
+    head = Recording()
+    items = head.items(load_splits(spec, params)["dev"][:24], inputs, train=False)
+    assert len({head.length(i) for i in items}) > 5  # lengths differ: sorting reorders them
+    model = PromptedLM(gpt2.model, None, True, freeze_lm=True)
+    seen = {}
+    one_by_one = evaluate(head, model, items, inputs, batch_size=1)
+    alone = dict(seen)
+    seen.clear()
+    assert evaluate(head, model, items, inputs, batch_size=5) == one_by_one
+    assert seen == alone and len(set(alone.values())) > 1
+
+
+def test_the_finetune_head_trains_at_train_lr_and_the_lm_at_lm_lr(fewglue_dir, gpt2):
+    from components.training import TrainConfig, make_optimizer
+
+    params = make_params(fewglue_dir, model="tiny-gpt2", method="finetune")
+    model, _ = METHODS["finetune"].build(TASKS["cb"], gpt2, {}, params)
+    groups = make_optimizer(model, TrainConfig(lr=1e-3, lm_lr=1e-5)).param_groups
+    head = {id(p) for p in model.head.parameters()}
+    assert [{id(p) for p in g["params"]} == head for g in groups] == [True, False, False]
+    assert groups[0]["lr"] == 1e-3 and {g["lr"] for g in groups[1:]} == {1e-5}
+
+
+def test_vocab_init_starts_the_prompt_at_word_embeddings(fewglue_dir, gpt2):
+    params = make_params(fewglue_dir, model="tiny-gpt2", encoder="none", init="vocab")
+    templates = METHODS["ptuning"].templates(TASKS["rte"], params, gpt2.tokenizer)
+    _, prompt = METHODS["ptuning"].build(TASKS["rte"], gpt2, templates, params)
+    embeddings = gpt2.model.get_input_embeddings().weight.detach()
+    for vector in prompt().detach():  # each vector is one row of the LM's own embeddings
+        assert (embeddings == vector).all(-1).any()
+    _, random = METHODS["ptuning"].build(TASKS["rte"], gpt2, templates, {**params, "init": "random"})
+    assert not any((embeddings == v).all(-1).any() for v in random().detach())
+
+
+@pytest.mark.slow
+def test_the_recipe_sweep_ranks_on_dev32_and_never_scores_val(tmp_path):
+    from components.reports import superglue_sweep
+
+    assert superglue_sweep.main(["--model", "tiny-gpt2", "--tasks", "cb,wsc", "--recipes",
+                                 "manual-zeroshot;ptuning/encoder=mlp/train.lr=1e-3", "--steps", "2", "--eval-every", "1",
+                                 "--out", str(tmp_path)]) == 0
+    units = [json.loads(p.read_text()) for p in (tmp_path / "units").glob("*.json")]
+    assert len(units) == 4 and all("val" not in json.dumps(u) for u in units)
+    table = (tmp_path / "SWEEP.md").read_text()
+    assert "| manual-zeroshot |" in table and "| ptuning/encoder=mlp/train.lr=0.001 |" in table
 
 
 # --- bad inputs ----------------------------------------------------------------------------------------------
@@ -547,6 +624,11 @@ def test_wsc_greedy_generation_feeds_each_token_back_for_causal_lms(gpt2):
     ({"task": "copa", "pattern": "{premise} [Y]"}, r"ptuning needs at least one \[P\] in the copa pattern"),
     ({"task": "copa", "pattern": {"cause": "[P] {premise} [Y]"}}, "pattern for copa must give the keys"),
     ({"train.lm_lr": -1.0}, "invalid training settings: lm_lr=-1.0"),
+    ({"train.lr": "abc"}, "invalid training settings: lr='abc' \\(expected float\\)"),
+    ({"init": "words"}, "unknown prompt init 'words'; choose one of random, vocab"),
+    ({"max_eval_examples": {"squad": 3}}, "max_eval_examples: unknown task 'squad'"),
+    ({"max_eval_examples": 0}, "max_eval_examples must be null or a count >= 1, got 0"),
+    ({"max_eval_examples": {"cb": "all"}}, "max_eval_examples.cb must be null or a count >= 1"),
 ])
 def test_bad_inputs_fail_in_plan_before_the_model_is_looked_at(fewglue_dir, overrides, message):
     # the model name is bad too: a plan that reached the model (or loaded it) would fail on it instead

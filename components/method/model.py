@@ -122,6 +122,25 @@ class PromptedLM(nn.Module):
         return logits if candidate_ids is None else logits[..., candidate_ids]
 
 
+    @torch.no_grad()
+    def greedy_continue(self, input_ids: torch.Tensor, prompt_index: torch.Tensor, start: int, n: int) -> list[int]:
+        """Causal LM, one row: the `n` tokens decoded greedily after position `start` (the first read position)
+        through the KV cache: one pass over the row up to `start`, then one position per token, where feeding
+        each token back into the whole row would cost a full pass per token."""
+        if not self.causal:
+            raise ValueError("greedy_continue decodes left to right: a causal LM only")
+        embeds = self.input_embeddings(input_ids[None, :start + 1], prompt_index[None, :start + 1])
+        out = self.body(inputs_embeds=embeds, use_cache=True)
+        tokens = []
+        for _ in range(n):
+            token = self.head(out.last_hidden_state[:, -1]).argmax(-1)  # [1]
+            tokens.append(int(token))
+            if len(tokens) < n:
+                out = self.body(inputs_embeds=self.lm.get_input_embeddings()(token[:, None]),
+                                cache=out.cache, use_cache=True)
+        return tokens
+
+
 # --- export: the vectors alone (inference) and the encoder state (resume) ---------------------------
 
 def export_prompt(prompt: nn.Module, directory: str | Path, template: str, base_model: str, extra: dict | None = None) -> Path:

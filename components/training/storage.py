@@ -1,4 +1,4 @@
-"""Writes that a full disk cannot corrupt. `atomic_write` writes a temporary file beside the target and
+"""Writes that a full disk cannot corrupt, and checkpoints that load without pickle. `atomic_write` writes a temporary file beside the target and
 renames it over the target only once every byte is on disk, so a failed (or killed) write leaves the
 previous version intact and no partial file behind; a full disk becomes `DiskFull`, one line naming the
 directory, where torch would print an `inline_container.cc` traceback.
@@ -6,6 +6,7 @@ directory, where torch would print an `inline_container.cc` traceback.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -90,6 +91,50 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
     return path
 
 
+def _split(value, tensors: dict, path: str):
+    """`value` with each tensor replaced by {"__tensor__": name} (the tensor goes into `tensors`) and each dict
+    whose keys are not all strings by {"__items__": [[key, value], ...]} (an optimizer's state is keyed by int)."""
+    if torch.is_tensor(value):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _split(v, tensors, f"{path}/{k}") for k, v in value.items()}
+        return {"__items__": [[k, _split(v, tensors, f"{path}/{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
+    return value
+
+
+def _join(value, tensors: dict):
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__items__" in value:
+            return {k: _join(v, tensors) for k, v in value["__items__"]}
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """torch.save `state` to `path` through `atomic_write`, checking for its size in free space first."""
-    return atomic_write(path, lambda f: torch.save(state, f), needed=payload_bytes(state))
+    """Write `state` (nested dicts and lists of tensors, numbers, strings) to `path` as one safetensors file whose
+    metadata holds the structure as JSON: no pickle, so loading it runs no code. All or nothing (`atomic_write`),
+    checking for its size in free space first."""
+    from safetensors.torch import save
+
+    tensors: dict = {}
+    structure = json.dumps(_split(state, tensors, "state"))
+    return atomic_write(path, lambda f: f.write(save(tensors, metadata={"structure": structure})),
+                        needed=payload_bytes(tensors))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The state `save_checkpoint` wrote to `path`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        structure = json.loads(f.metadata()["structure"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return _join(structure, tensors)

@@ -176,26 +176,28 @@ def span_match(predicted: str, span: str) -> bool:
 
 @torch.no_grad()
 def greedy_fill(model: nn.Module, batch: dict, n: list[int], causal: bool, tokenizer) -> list[str]:
-    """Greedy answers of `n[row]` tokens: masked LMs fill their [MASK]s most confident first, causal LMs decode
-    left to right, each token fed back before the next is read."""
-    batch = dict(batch)
-    input_ids = batch["input_ids"].clone()
+    """Greedy answers of `n[row]` tokens: masked LMs fill their [MASK]s most confident first (a full pass per
+    token: each filled mask changes every other position's output), causal LMs decode left to right through the
+    KV cache (PromptedLM.greedy_continue)."""
     reads = batch["read_positions"]
-    filled = [[None] * k for k in n]
-    for step in range(max(n)):
-        batch["input_ids"] = input_ids
-        best_p, best_id = model(**batch).float().softmax(-1).max(-1)  # [B, T]
-        for r in range(input_ids.shape[0]):
-            if step >= n[r]:
-                continue
-            if causal:
-                j = step
-            else:
+    if causal:
+        filled = [model.greedy_continue(batch["input_ids"][r], batch["prompt_index"][r], int(reads[r, 0]), k)
+                  for r, k in enumerate(n)]
+    else:
+        batch = dict(batch)
+        input_ids = batch["input_ids"].clone()
+        filled = [[None] * k for k in n]
+        for step in range(max(n)):
+            batch["input_ids"] = input_ids
+            best_p, best_id = model(**batch).float().softmax(-1).max(-1)  # [B, T]
+            for r in range(input_ids.shape[0]):
+                if step >= n[r]:
+                    continue
                 open_slots = [j for j in range(n[r]) if filled[r][j] is None]
                 j = max(open_slots, key=lambda k: best_p[r, k].item())
-            token = int(best_id[r, j])
-            filled[r][j] = token
-            input_ids[r, reads[r, j] + (1 if causal else 0)] = token
+                token = int(best_id[r, j])
+                filled[r][j] = token
+                input_ids[r, reads[r, j]] = token
     special = set(tokenizer.all_special_ids)
     return [tokenizer.decode([t for t in f if t not in special]) for f in filled]
 

@@ -1,7 +1,8 @@
 """The four methods (masked and causal LMs alike), one object each: which templates a task gets, which model
 is built, and which head (the task's kind, or the finetune head) turns examples into batches and predictions.
 
-    finetune          the LM with a standard classification head on `text_a [SEP] text_b`; no pattern
+    finetune          the LM with a standard classification head on `text_a [SEP] text_b`; no pattern (the
+                      head at `train.lr`, the LM at `train.lm_lr`)
     manual-zeroshot   the manual pattern, the LM as it is: no training
     manual-finetune   the manual pattern, the LM trained on the verbalizer's tokens (PET without ensembles
                       or distillation)
@@ -39,17 +40,36 @@ class PromptMethod:
     def build(self, spec: TaskSpec, lm, templates: dict[str, Template], params: dict) -> tuple[nn.Module, PromptEncoder | None]:
         """The model to train and evaluate, and its prompt encoder (None without [P] tokens)."""
         n_prompt = next(iter(templates.values())).n_prompt_tokens
-        prompt = (PromptEncoder(n_prompt, lm.model.get_input_embeddings().embedding_dim, params["encoder"],
-                                params.get("encoder_hidden")) if n_prompt else None)
+        embeddings = lm.model.get_input_embeddings().weight
+        prompt = (PromptEncoder(n_prompt, embeddings.shape[1], params["encoder"], params.get("encoder_hidden"),
+                                init=prompt_init(params["init"], n_prompt, embeddings, params["train"]["seed"]))
+                  if n_prompt else None)
         freeze = not self.trains or (self.continuous and bool(params.get("freeze_lm")))
         return PromptedLM(lm.model, prompt, lm.causal, freeze_lm=freeze), prompt
 
 
+INITS = ("random", "vocab")
+
+
+def prompt_init(init: str, n_tokens: int, embeddings: torch.Tensor, seed: int) -> torch.Tensor | None:
+    """The prompt encoder's starting embeddings: None (random, the paper's), or `vocab`: the LM's input embeddings
+    of n_tokens vocabulary entries drawn with the run's seed, so that the prompt starts at the scale of the words
+    around it (SmolLM2's token embeddings have norm ~3.2, a random prompt's output ~0.66)."""
+    if init == "random":
+        return None
+    rows = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(seed))[:n_tokens]
+    return embeddings[rows].detach().float().cpu()
+
+
 class HeadModel(nn.Module):
-    """An HF `*ForSequenceClassification` under the name `lm` (so the training loop gives it `lm_lr`)."""
+    """An HF `*ForSequenceClassification`: its new classification head under `head`, trained at `train.lr` as a
+    prompt encoder is, and the pretrained rest under `lm`, at `train.lm_lr` (a random head at the LM's 1e-5
+    barely moves in a few-shot budget)."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
+        # registered first: its parameters are named `head.*` (the module stays inside `lm` too)
+        self.head = next(getattr(lm, name) for name in ("score", "classifier") if hasattr(lm, name))
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, **_):
