@@ -6,8 +6,8 @@
     ptuning report lama|superglue --model M ...   run a paper table and write reports/<benchmark>/<model>[-<setting>]/
     ptuning predict --model URI|DIR --input F.jsonl   answer inputs with a registered prompt, one JSON line each
 
-Exit codes: 0 done, 2 bad input (a one-line message, nothing written), 3 the output directory is busy,
-4 the disk is full.
+Exit codes: 0 done, 2 bad input or a store that does not answer (a one-line message, nothing written), 3 the
+output directory is busy, 4 the disk is full.
 """
 from __future__ import annotations
 
@@ -83,6 +83,28 @@ def _report(args) -> dict:
     return {"report": str(report.output_dir / "REPORT.md"), "wall_s": results["wall_s"], **kind.headline(results)}
 
 
+def _check_model_store(model: str) -> None:
+    """A `models:/` or `runs:/` URI is read from the registry (tracking) store: it must answer within the short
+    reachability timeout (MLflow's own client retries an unreachable server or database for minutes) and, when it
+    is a SQLite file, exist (reading would create an empty store). Raises StoreUnreachable or ValueError."""
+    import mlflow
+
+    from components.common import redact_url
+    from components.mlops.tracking import check_reachable
+
+    if Path(model).expanduser().is_dir() or not model.startswith(("models:/", "runs:/")):
+        return
+    uri = mlflow.get_registry_uri() if model.startswith("models:/") else mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        import sqlalchemy
+
+        database = sqlalchemy.engine.make_url(uri).database
+        if database and database != ":memory:" and not Path(database).expanduser().is_file():
+            raise ValueError(f"cannot load --model {model}: the MLflow store {redact_url(uri)} does not exist (set "
+                             "MLFLOW_TRACKING_URI to the store the model was registered in)")
+    check_reachable(uri)
+
+
 def _predict(args) -> dict:
     """Answer every line of --input, without a server: one JSON line per input (stdout, or --output)."""
     from mlflow.exceptions import MlflowException
@@ -92,6 +114,7 @@ def _predict(args) -> dict:
 
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"--input {args.input}: no such file")
+    _check_model_store(args.model)
     try:
         fields, predict = load(args.model)
     except MlflowException as error:
@@ -175,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from components.mlops.stores import StoreUnreachable
     from components.run_dir import RunDirBusy
     from components.training import DiskFull
 
@@ -182,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     args.argv = argv  # the exact command, for the record (a report's header)
-    exit_codes = ((RunDirBusy, 3), (DiskFull, 4), (ValueError, 2), (FileNotFoundError, 2))  # first match wins
+    exit_codes = ((RunDirBusy, 3), (DiskFull, 4), (ValueError, 2), (FileNotFoundError, 2),  # first match wins
+                  (StoreUnreachable, 2))
     try:
         result = args.run(args)
     except tuple(kind for kind, _ in exit_codes) as error:  # a clear message, no traceback

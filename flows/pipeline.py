@@ -71,6 +71,7 @@ class Plan:
     report_key: str
     selection_key: str
     extra: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # params/flow.yaml's `<benchmark>.overrides`, then the run's
 
     def study(self, combo: dict) -> tuple[str, str]:
         """(study name, settings hash) of a combination: its fingerprint (data version included, so call it once
@@ -145,10 +146,60 @@ def plan(benchmark: str, tasks: list[str] | None = None, models: list[str] | Non
                 tracking_uri=_store(own, tracking, "tracking.uri", "MLFLOW_TRACKING_URI", DEFAULT_TRACKING, checkout),
                 storage=_store(own, search, "search.storage", "OPTUNA_STORAGE", DEFAULT_STORAGE, checkout),
                 outputs_dir=outputs_dir, report_key=spec.report_key, selection_key=spec.selection_key,
-                extra={"grid_size": grid_size(space)})
+                extra={"grid_size": grid_size(space)}, overrides=given)
 
 
 # --- helpers (plain functions: no Prefect state) ----------------------------------------------------
+
+def check_stores(tracking_uri: str, storage: str) -> None:
+    """MLflow's store and Optuna's storage answer, each within a short timeout; else TrackingUnreachable /
+    StorageUnreachable (both StoreUnreachable), naming the URL and what to do. Imports neither MLflow nor Optuna."""
+    from components.mlops.stores import check_reachable, check_storage
+
+    check_reachable(tracking_uri)
+    check_storage(storage)
+
+
+def _value(value) -> str:
+    """A parameter value as `python -m flows.run` (YAML 1.2) and `prefect deployment run -p` (JSON) read it
+    back: JSON, a store URL's password hidden."""
+    import json
+
+    from components.common import redact_url
+
+    if isinstance(value, str) and "://" in value:
+        value = redact_url(value)
+    return json.dumps(value)
+
+
+def retrain_command(benchmark: str, combo: dict, seeds: list[int], overrides: dict, prepare: bool = True,
+                    deployment: str | None = None) -> str:
+    """The command that trains one combination again: `python -m flows.run <benchmark> --param tasks=[...]
+    ... --set key=value ...` with its task, model and method, the seeds and every override resolved
+    (params/flow.yaml's `<benchmark>.overrides` and the run's), or, for a run of the served deployment
+    `deployment`, `prefect deployment run ptuning/<deployment> -p ...` with the same parameters."""
+    import shlex
+
+    params = {"tasks": [combo["task"]], "models": [combo["model"]], "methods": [combo["method"]], "seeds": list(seeds)}
+    if not prepare:
+        params["prepare"] = False
+    if deployment:
+        params["overrides"] = dict(overrides)
+        return shlex.join(["prefect", "deployment", "run", f"ptuning/{deployment}",
+                           *(item for name, value in params.items() for item in ("-p", f"{name}={_value(value)}"))])
+    return shlex.join(["python", "-m", "flows.run", benchmark,
+                       *(item for name, value in params.items() for item in ("--param", f"{name}={_value(value)}")),
+                       *(item for key, value in overrides.items() for item in ("--set", f"{key}={_value(value)}"))])
+
+
+def _deployment_name() -> str | None:
+    """The served deployment this flow run belongs to (ptuning/<name>), or None when it runs in-process."""
+    with contextlib.suppress(Exception):
+        from prefect.runtime import deployment
+
+        return deployment.name
+    return None
+
 
 def _tool(name: str) -> str:
     """An executable of this environment (the venv's bin is not always on PATH in a served run)."""
@@ -222,11 +273,7 @@ def _train(job: dict, config, run_name: str, run_params: dict, tags: dict, callb
 @task(name="check-services", cache_policy=NO_CACHE)
 def check_services(tracking_uri: str, storage: str) -> dict:
     """Fail before any work when MLflow or the Optuna storage does not answer."""
-    from components.mlops.search import check_storage
-    from components.mlops.tracking import check_reachable
-
-    check_reachable(tracking_uri)  # TrackingUnreachable / StorageUnreachable name the URL and what to do
-    check_storage(storage)
+    check_stores(tracking_uri, storage)  # TrackingUnreachable / StorageUnreachable name the URL and what to do
     get_run_logger().info("MLflow at %s and Optuna storage %s answer", tracking_uri, storage)
     return {"tracking_uri": tracking_uri, "storage": storage}
 
@@ -436,11 +483,12 @@ def ptuning(
     check_services(run.tracking_uri, run.storage)
     if prepare:
         prepare_data([get_benchmark(run.benchmark).prepare_stage], str(run.root))
-    command = f"prefect flow ptuning: benchmark={run.benchmark} tasks={tasks} models={models} methods={methods} " \
-              f"seeds={seeds} overrides={overrides}"
+    deployment = _deployment_name()
     results = []
     for i, combo in enumerate(run.combos, 1):
         study, key = run.study(combo)  # after prepare_data: the study is named by the data it trains on
+        # what trains this combination again, recorded on its MLflow runs and its registered versions
+        command = retrain_command(run.benchmark, combo, run.seeds, run.overrides, prepare, deployment)
         job = {"benchmark": run.benchmark, "root": str(run.root), "overrides": combo["overrides"], "study": study,
                "task": combo["task"], "model": combo["model"], "method": combo["method"], "search": run.search,
                "grid_size": run.extra["grid_size"], "tracking_uri": run.tracking_uri, "storage": run.storage,
@@ -449,7 +497,7 @@ def ptuning(
                "register": bool(run.tracking["register"]), "outputs_dir": str(run.outputs_dir),
                "report_key": run.report_key, "selection_key": run.selection_key, "command": command,
                "tags": {"benchmark": run.benchmark, "task": combo["task"], "model": combo["model"],
-                        "method": combo["method"], "study": study, "params_hash": key}}
+                        "method": combo["method"], "study": study, "params_hash": key, "command": command}}
         logger.info("[%d/%d] %s", i, len(run.combos), job["study"])
         found = search(job)
         finals = [final_train(job, found["best_params"], seed, found["parent_run_id"]) for seed in run.seeds]

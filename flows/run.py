@@ -49,19 +49,27 @@ def flow_arguments(benchmark: str, params: list[str], sets: list[str]) -> dict:
     return {"benchmark": benchmark, **arguments}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=sorted(REGISTRY))
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a flow parameter")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override (see above)")
-    args = parser.parse_args(argv)
-    from flows.pipeline import plan, ptuning
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from components.mlops.stores import StoreUnreachable
+    from flows.pipeline import check_stores, plan, ptuning
 
     try:
         arguments = flow_arguments(args.benchmark, args.param, args.set)
-        plan(**{k: v for k, v in arguments.items() if k != "prepare"})  # bad input: one line, before Prefect starts
-    except ValueError as error:
+        # bad input or a store that does not answer: one line, exit 2, before Prefect starts and before anything
+        # is written
+        run = plan(**{k: v for k, v in arguments.items() if k != "prepare"})
+        check_stores(run.tracking_uri, run.storage)
+    except (ValueError, StoreUnreachable) as error:
         print(f"flows.run: error: {error}", file=sys.stderr)
         return 2
     result = ptuning(**arguments)

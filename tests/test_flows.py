@@ -119,9 +119,12 @@ def check_registration(stack: dict, experiment: str, benchmark: str, task: str, 
     trial_runs = [r for r in children if r.info.run_name.startswith("trial-")]
     final_runs = [r for r in children if r.info.run_name.startswith("final-")]
     assert len(trial_runs) == n_trials and len(final_runs) == 1, [r.info.run_name for r in children]
-    assert all("dev.score" in r.data.metrics for r in trial_runs + final_runs)
+    assert all("best.dev.score" in r.data.metrics for r in trial_runs + final_runs)  # the kept state's
     assert all(not any(k in r.data.metrics for k in ("acc", "p1", "score", "dev_score")) for r in runs)  # splits named
     assert version.run_id in {r.info.run_id for r in runs}
+    # trained by: the deployment run that trains this combination again, its parameters resolved
+    command = version.tags["command"]
+    assert command.startswith(f"prefect deployment run ptuning/{benchmark} -p ") and f'tasks=["{task}"]' in command, command
 
     # The study: both grid points, complete.
     storage = f"sqlite:///{stack['tmp'] / 'optuna.db'}"
@@ -266,6 +269,35 @@ def test_relative_sqlite_stores_are_the_checkouts(monkeypatch, repo_dir):
     assert explicit.storage == "sqlite:////x/y.db"  # an explicit override beats the environment
 
 
+def test_the_recorded_command_trains_the_same_combination_again():
+    """A registered version's `command` is a command, not `prefect flow ptuning: ... tasks=None ...`: read back, it
+    resolves to the same combination, seeds, search and overrides (params/flow.yaml's included)."""
+    import shlex
+
+    from flows.pipeline import plan, retrain_command
+    from flows.run import flow_arguments, parser
+
+    run = plan("lama", tasks=["P19", "P36"], models=["tiny-gpt2"], seeds=[1, 2],
+               overrides={"train.lr": 1e-3, "template": "[P*2] {sub} [P] [Y]", "search.n_trials": None,
+                          "search.space": {"train.lr": [1e-5, 3e-4]}})
+    combo = run.combos[1]
+    assert run.overrides["train.max_steps"] == load_params("flow")["lama"]["overrides"]["train.max_steps"]  # flow.yaml's
+    command = retrain_command(run.benchmark, combo, run.seeds, run.overrides)
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "flows.run", "lama"] and "None" not in command, command
+    args = parser().parse_args(argv[3:])
+    again = plan(**flow_arguments(args.benchmark, args.param, args.set))
+    assert again.combos == [combo] and again.seeds == [1, 2] and again.overrides == run.overrides
+    assert again.search == run.search and again.search["n_trials"] is None
+    # the run of a served deployment records the deployment run, with the same parameters (-p name=JSON)
+    deployed = shlex.split(retrain_command(run.benchmark, combo, run.seeds, run.overrides, deployment="lama"))
+    assert deployed[:4] == ["prefect", "deployment", "run", "ptuning/lama"] and set(deployed[4::2]) == {"-p"}
+    parameters = {name: json.loads(value) for name, value in (item.split("=", 1) for item in deployed[5::2])}
+    assert parameters["tasks"] == ["P36"] and parameters["seeds"] == [1, 2]
+    again = plan("lama", **parameters)
+    assert again.combos == [combo] and again.search == run.search
+
+
 def test_null_means_the_whole_grid():
     """`--set search.n_trials=null` runs the whole grid, as the comment in params/search.yaml says (it once ran
     params/flow.yaml's 2 trials)."""
@@ -320,6 +352,24 @@ def test_unreachable_stores_fail_first_with_a_clear_error(tmp_path):
         check_services.fn("http://127.0.0.1:9", f"sqlite:///{tmp_path / 'optuna.db'}")
     with pytest.raises(StorageUnreachable, match="does not exist"):
         check_services.fn(f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'missing' / 'optuna.db'}")
+
+
+@pytest.mark.parametrize("store, message", [
+    ("tracking.uri=http://127.0.0.1:9", "MLflow tracking store http://127.0.0.1:9 is unreachable"),
+    ("search.storage=postgresql://nobody@127.0.0.1:1/x", "Optuna storage postgresql://nobody@127.0.0.1:1/x is unreachable"),
+])
+def test_an_unreachable_store_stops_the_flow_entry_in_one_line(tmp_path, repo_dir, store, message):
+    """`python -m flows.run` with a store that does not answer: one line, exit 2, before Prefect starts (it was three
+    tracebacks, 120 lines, exit 1), and nothing written (the other store, a new SQLite file, is not created)."""
+    done = subprocess.run([sys.executable, "-m", "flows.run", "lama",
+                           "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                           "--set", f"search.storage=sqlite:///{tmp_path / 'o.db'}",
+                           "--set", f"flow.outputs_dir={tmp_path / 'out'}", "--set", store],
+                          capture_output=True, text=True, cwd=repo_dir, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"flows.run: error: {message}") and done.stdout == ""
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_writes_metrics_and_learning_curve(tmp_path):

@@ -84,6 +84,69 @@ def test_restart_discards_the_other_run_and_trains_afresh(finished, repo_dir, tm
     assert run(cli(data, copy), repo_dir).returncode == 2
 
 
+@pytest.mark.parametrize("change, message", [
+    (["--set", "template=[Y] [P*3] {sub}"], "needs at least one token before the target [Y]"),  # causal LM
+    (["--set", "max_length=4"], "longer than max_length=4"),
+    ("malformed", "invalid JSON"),
+])
+def test_a_run_that_fails_validation_writes_nothing(finished, repo_dir, tmp_path, change, message):
+    """Checks that need the model or the data fail inside the run, after the directory was claimed: the claim is
+    undone (no fingerprint.json, no folder where there was none), and a --restart keeps the previous run's files."""
+    data, out, _ = finished
+    if change == "malformed":  # a malformed line in data_dir
+        bad = tmp_path / "bad"
+        subprocess.run(["cp", "-a", str(data), str(bad)], check=True)
+        with (bad / "29k" / "P19" / "train.jsonl").open("a") as f:
+            f.write('{"sub_label": "Person0"\n')
+        data, change = bad, []
+    fresh = tmp_path / "new" / "run"
+    failed = run(cli(data, fresh, *change), repo_dir)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and message in lines[-1] and lines[-1].startswith("ptuning: error: "), failed.stderr[-3000:]
+    assert failed.stdout == "" and not (tmp_path / "new").exists()
+    # over a finished run, with --restart: its files stay as they were
+    before = contents(out)
+    restarted = run(cli(data, out, "--restart", *change), repo_dir)
+    assert restarted.returncode == 2 and message in restarted.stderr, restarted.stderr[-3000:]
+    assert contents(out) == before and not (out / ".restart-backup").exists()
+
+
+def test_a_claim_is_undone_only_while_nothing_was_written(tmp_path):
+    """The claim's own rule, without a model: a block that fails before writing leaves the directory as it was;
+    one that wrote something (a checkpoint to resume from) or started training keeps it, and a --restart's previous
+    files go once the new run got under way."""
+    from components.run_dir import claim
+
+    class Invalid(ValueError):
+        pass
+
+    new = tmp_path / "a" / "b"
+    with pytest.raises(Invalid), claim(new, {"run": 1}):
+        raise Invalid
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(Invalid), claim(new, {"run": 1}) as held:
+        (held.path / "checkpoint").mkdir()
+        raise Invalid
+    assert json.loads((new / "fingerprint.json").read_text()) == {"run": 1} and (new / "checkpoint").is_dir()
+    (new / "checkpoint").rmdir()
+    (new / "metrics.json").write_text("{}")
+    before = contents(new)
+    with pytest.raises(Invalid), claim(new, {"run": 2}, restart=True):
+        raise Invalid
+    assert contents(new) == before and sorted(p.name for p in new.iterdir()) == [".run.lock", "fingerprint.json", "metrics.json"]
+    with pytest.raises(Invalid), claim(new, {"run": 2}, restart=True) as held:
+        held.started()  # training began: the configuration is valid
+        raise Invalid
+    assert contents(new) == {"fingerprint.json": b'{\n  "run": 2\n}'}
+    # a --restart killed before its run wrote anything leaves the previous files aside: the next claim puts them back
+    (new / ".restart-backup").mkdir()
+    (new / ".restart-backup" / "metrics.json").write_text("{}")
+    (new / ".restart-backup" / "fingerprint.json").write_text('{"run": 1}')
+    with claim(new, {"run": 1}) as held:
+        assert json.loads((held.path / "metrics.json").read_text()) == {}
+    assert sorted(p.name for p in new.iterdir()) == [".run.lock", "fingerprint.json", "metrics.json"]
+
+
 def _start_and_wait_for_claim(cmd: list[str], out: Path, repo: Path) -> subprocess.Popen:
     """Start a run; return once it holds the directory (its fingerprint is written under the lock)."""
     first = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)

@@ -2,10 +2,13 @@
 per-step metrics, git and DVC data-version tags, the experiment's kind, and the registry's `champion`, which
 goes to the best dev selection score, never to the newest or the best test figure."""
 import json
+import os
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -62,6 +65,20 @@ def test_unreachable_store_fails_fast(uri):
     with pytest.raises(TrackingUnreachable, match=uri.replace(".", r"\.")):
         Tracker(uri, "never")
     assert time.time() - started < 10
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:9", "postgresql://nobody@127.0.0.1:1/x", "sqlite:///absent.db"])
+def test_predict_from_a_registry_that_does_not_answer_is_one_line(tmp_path, uri):
+    """`ptuning predict --model models:/...` against a registry that does not answer: one line, exit 2, nothing
+    written (MLflow's client retried an unreachable server for minutes, a database for 108 s with 217 lines)."""
+    (tmp_path / "in.jsonl").write_text('{"sub": "Dante"}\n')
+    done = subprocess.run([sys.executable, "-m", "components.cli", "predict", "--model", "models:/ptuning-x@champion",
+                           "--input", "in.jsonl"], env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and uri in lines[0], done.stderr[-3000:]
+    assert lines[0].startswith("ptuning: error: ") and ("unreachable" in lines[0] or "does not exist" in lines[0])
+    assert done.stdout == "" and [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
 
 
 DVC_LOCK = """schema: '2.0'
@@ -140,6 +157,39 @@ def test_embedded_store_nests_runs_logs_steps_and_tags_git_and_data(tmp_path, mo
         (1, 0.75), (2, (1 / 3 + 0.25) / 2)]
 
 
+def test_each_store_keeps_its_own_artifacts(tmp_path, monkeypatch):
+    """Two SQLite stores used from one folder (sqlite:///a.db, sqlite:///b.db) once both put their artifacts in that
+    folder's mlruns/<experiment id>/: the same folders for their first experiments. Each keeps them beside its file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    places = {}
+    for store in ("a.db", "b.db", "elsewhere/c.db"):
+        tracker = Tracker(f"sqlite:///{store}", "same-name")
+        with tracker.trial_run("run", {}) as run:
+            tracker.log_result({"test": {"p1": 0.5}})
+        uri = tracker.client.get_run(run.info.run_id).info.artifact_uri
+        places[store] = Path(urlparse(uri).path)
+        assert (places[store] / "metrics.json").is_file(), uri
+    stem = lambda store: Path(store).stem
+    for store, place in places.items():
+        assert place.is_relative_to((tmp_path / store).parent / "mlruns" / stem(store) / "same-name"), (store, place)
+    assert not (tmp_path / "mlruns" / "1").exists()  # MLflow's default, which the stores shared
+
+
+def test_a_database_store_keeps_its_artifacts_under_its_own_name(pg_database, tmp_path):
+    """A PostgreSQL store's artifacts go to mlruns/<driver>-<host>-<port>-<database>/ of the checkout (project_dir),
+    not to mlruns/<experiment id>/ of whatever folder the process runs in."""
+    from sqlalchemy.engine import make_url
+
+    tracker = Tracker(pg_database, "pg-artifacts", project_dir=tmp_path)
+    with tracker.trial_run("run", {}) as run:
+        tracker.log_result({"test": {"p1": 0.5}})
+    place = Path(urlparse(tracker.client.get_run(run.info.run_id).info.artifact_uri).path)
+    url = make_url(pg_database)
+    assert place == tmp_path / "mlruns" / f"postgresql-{url.host}-{url.port}-{url.database}" / "pg-artifacts" / run.info.run_id / "artifacts"
+    assert (place / "metrics.json").is_file()
+
+
 def test_champion_is_the_best_dev_score_and_test_figures_never_decide(tmp_path, capfd):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "champions")
     name = registered_name("lama", "P19", "tiny-gpt2", "29k")
@@ -198,8 +248,9 @@ def test_registration_refuses_before_logging_anything(tmp_path):
 
 def test_server_logs_a_real_run_and_registers_its_prompt(mlflow_server, tmp_path, repo_dir):
     data = make_lama(tmp_path / "lama")
-    config = resolve("lama", {"task": "P19", "model": "tiny-gpt2", "encoder": "lstm", "data_dir": str(data), "train.max_steps": 6,
-                              "train.eval_every": 3, "train.batch_size": 4, "train.lr": 0.01, "train.precision": "fp32"})
+    config = resolve("lama", {"task": "P19", "model": "tiny-gpt2", "data_dir": str(data), "train.max_steps": 6,
+                              "train.eval_every": 3, "train.batch_size": 4, "train.lr": 0.01, "train.precision": "fp32",
+                              "train.patience": None})
     tracker = Tracker(mlflow_server.uri, "test-tracking", log_every=2, project_dir=repo_dir)
     with tracker.parent_run("search-lama-P19", {"search": {"sampler": "grid"}, "task": "P19"}, tags={"flow": "test"}) as parent:
         with tracker.trial_run("trial-0", config.params) as trial:
@@ -216,11 +267,22 @@ def test_server_logs_a_real_run_and_registers_its_prompt(mlflow_server, tmp_path
     assert trial_run.data.params["train.lr"] == "0.01" and trial_run.data.params["model"] == "tiny-gpt2"
     # per-step training metrics, evaluations at their steps, one epoch (24 facts / batch 4 = 6 steps)
     assert [m.step for m in client.get_metric_history(trial.info.run_id, "train_loss")] == [2, 4, 6]
-    # the evaluations at their steps, then log_result's final figure (the run's dev.p1)
-    assert [m.step for m in client.get_metric_history(trial.info.run_id, "dev.p1")] == [3, 6, 0]
+    # dev.p1: the evaluations at their steps, nothing else (MLflow's latest value is the last evaluation's);
+    # the kept state's figures have keys of their own, whichever evaluation it came from
+    history = json.loads((tmp_path / "out" / "history.json").read_text())["P19"]
+    assert [(m.step, m.value) for m in client.get_metric_history(trial.info.run_id, "dev.p1")] == [
+        (h["step"], h["dev.p1"]) for h in history] and [h["step"] for h in history] == [3, 6]
+    assert trial_run.data.metrics["dev.p1"] == history[-1]["dev.p1"]
+    assert trial_run.data.metrics["best.dev.p1"] == metrics["dev"]["p1"] == max(h["dev.p1"] for h in history)
+    assert trial_run.data.metrics["best.dev.score"] == metrics["dev"]["score"] and "dev.score" not in trial_run.data.metrics
+    assert trial_run.data.metrics["test.p1"] == metrics["test"]["p1"]
     assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch_train_loss")] == [1]
-    assert trial_run.data.metrics["dev.p1"] == metrics["dev"]["p1"]
-    assert trial_run.data.metrics["test.p1"] == metrics["test"]["p1"] and trial_run.data.metrics["dev.score"] == metrics["dev"]["score"]
+    # the learning rate: the optimizer's (train.lr) once at step 0, which MLflow draws as a bar from 0 (a constant
+    # series at its steps is drawn on an axis of its value +-1, a flat line at 0); the schedule's factor at the
+    # steps (exponential decay per epoch: 24 facts / batch 4 = 6 steps an epoch)
+    assert [(m.step, m.value) for m in client.get_metric_history(trial.info.run_id, "lr")] == [(0, 0.01)]
+    assert [(m.step, m.value) for m in client.get_metric_history(trial.info.run_id, "lr_scale")] == [
+        (2, 1.0), (4, 1.0), (6, pytest.approx(0.98))]
     assert {a.path for a in client.list_artifacts(trial.info.run_id)} >= {"metrics.json", "history.json"}
     # the version: champion (the first), logged from the trial run, with the run's figures as tags
     assert version.name == "ptuning-lama-P19-29k-tiny-gpt2" and CHAMPION in version.aliases

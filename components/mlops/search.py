@@ -35,22 +35,17 @@ import optuna
 from optuna.trial import TrialState
 
 from components.common import numeric_metrics, redact_url
-from components.mlops.stores import DatabaseUnreachable, check_database
+from components.mlops.stores import DEFAULT_STORAGE, StorageUnreachable, check_storage  # noqa: F401  (re-exported)
 from components.training import Callback
 
 log = logging.getLogger(__name__)
 
 PAPER_GRID = {"train.lr": [1e-5, 2e-5, 3e-5], "train.batch_size": [16, 32]}
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "none")
 SKIPPED = "skipped"  # user attribute of a trial closed without training
 
 _SPACES: "weakref.WeakKeyDictionary[optuna.Study, dict]" = weakref.WeakKeyDictionary()
-
-
-class StorageUnreachable(RuntimeError):
-    """The study's storage cannot be opened: raised before any training starts."""
 
 
 # --- the search space -----------------------------------------------------------------------------
@@ -157,16 +152,6 @@ def make_pruner(name: str | None, options: dict | None = None) -> optuna.pruners
     if name in ("none", "nop", "off"):
         return optuna.pruners.NopPruner()
     raise ValueError(f"unknown pruner {name!r}; choose one of {PRUNERS}")
-
-
-def check_storage(url: str, timeout: float = 5) -> None:
-    """Open (and close) one connection to the storage, or raise StorageUnreachable naming it."""
-    try:
-        check_database(url, timeout)
-    except DatabaseUnreachable as reason:
-        raise StorageUnreachable(f"Optuna storage {redact_url(url)} is unreachable: {reason} (is the database server "
-                                 f"running, and does the database exist? e.g. {DEFAULT_STORAGE} or "
-                                 "postgresql://user@host:5432/db)") from None
 
 
 def _rdb_storage(url: str, heartbeat: int | None, grace: int | None, max_retry: int) -> optuna.storages.RDBStorage:

@@ -9,7 +9,8 @@
                                     command="ptuning train lama --task P19")
 
 The store is `sqlite:///mlflow.db` (embedded, no server) unless MLFLOW_TRACKING_URI or
-params/tracking.yaml name one (`http://host:5000`, `postgresql://...`). Runs are addressed by id through
+params/tracking.yaml name one (`http://host:5000`, `postgresql://...`). Each store keeps its runs' artifacts
+apart (artifact_location: `mlruns/<store>/<experiment>/` beside a SQLite file; a server keeps its own). Runs are addressed by id through
 an MlflowClient, never through MLflow's thread-local "active run", so Prefect tasks running in worker
 threads log to the right run.
 
@@ -20,17 +21,15 @@ recorded on the version, never used to decide.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -38,12 +37,12 @@ import mlflow
 
 from components.common import flatten, numeric_metrics, redact_url, safe_name
 from components.mlops.serving import check_servable, input_fields, log_prompt_model
-from components.mlops.stores import DatabaseUnreachable, check_database
+from components.mlops.stores import DEFAULT_TRACKING as DEFAULT_URI
+from components.mlops.stores import TrackingUnreachable, check_reachable  # noqa: F401  (the tracker's face)
 from components.training import Callback
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 # what makes two versions comparable: one registered model holds one scope (registered_name)
@@ -52,10 +51,10 @@ SCOPE = ("benchmark", "task", "vocab", "setting", "base_model")
 # 3.17's UI lands on the tab of the browser's workflow toggle (GenAI by default, kept in localStorage), so the
 # project's links carry `workflowType=machine_learning` too (experiment_url).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-class TrackingUnreachable(RuntimeError):
-    """The MLflow tracking store cannot be reached: raised before any training starts."""
+# Evaluations during training log `dev.*` at their steps (TrackingCallback); the final figures of the state a
+# run keeps (its best evaluation) are logged as `best.dev.*` (Tracker.log_result).
+EVALUATED_SPLIT = "dev."
+BEST_PREFIX = "best."
 
 
 # --- where runs go ------------------------------------------------------------------------------
@@ -63,61 +62,6 @@ class TrackingUnreachable(RuntimeError):
 def tracking_uri(params_tracking: dict | None = None) -> str:
     """env MLFLOW_TRACKING_URI > params/tracking.yaml `uri` > sqlite:///mlflow.db (embedded, no server)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or (params_tracking or {}).get("uri") or DEFAULT_URI
-
-
-def _auth_headers() -> dict:
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()}
-    return {}
-
-
-def _unreachable(uri: str, reason: str) -> TrackingUnreachable:
-    return TrackingUnreachable(
-        f"MLflow tracking store {redact_url(uri)} is unreachable: {reason}. Start the server (mlflow server ...), "
-        f"fix MLFLOW_TRACKING_URI / params/tracking.yaml `uri`, or leave both unset for the embedded {DEFAULT_URI}.")
-
-
-def check_reachable(uri: str, timeout: float = 5) -> None:
-    """http(s): GET /health (or the experiments search API) with a short timeout; a database URI: open a
-    connection; a local path: its directory must exist. Raises TrackingUnreachable naming the URI."""
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
-    if scheme in ("http", "https"):
-        base = uri.rstrip("/")
-        last = None
-        for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
-            request = urllib.request.Request(base + path, headers=_auth_headers())
-            try:
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    if response.status == 200:
-                        return
-                    last = f"HTTP {response.status} from {path}"
-            except urllib.error.HTTPError as error:
-                if error.code in (401, 403):
-                    raise TrackingUnreachable(
-                        f"MLflow tracking server {redact_url(uri)} refused the request (HTTP {error.code}): set "
-                        "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN") from None
-                last = f"HTTP {error.code} from {path}"
-            except (urllib.error.URLError, OSError) as error:
-                reason = getattr(error, "reason", error)
-                raise _unreachable(uri, f"{type(reason).__name__}: {reason}") from None
-        raise _unreachable(uri, f"it does not answer as an MLflow server ({last})")
-    if scheme.startswith(("sqlite", "postgresql", "postgres", "mysql", "mssql")):
-        try:
-            check_database(uri, timeout)
-        except DatabaseUnreachable as reason:
-            raise _unreachable(uri, str(reason)) from None
-        return
-    if scheme in ("", "file"):
-        path = Path(parsed.path if scheme == "file" else uri).expanduser().resolve()
-        if not (path.exists() or path.parent.is_dir()):
-            raise _unreachable(uri, f"neither {path} nor its directory exists")
-        return
-    log.info("tracking URI %s: no reachability check for scheme %r", redact_url(uri), scheme)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -182,6 +126,40 @@ def registered_name(benchmark: str, task: str, model: str, variant: str | None =
     return safe_name("ptuning", benchmark, task, variant, model)
 
 
+def artifact_location(uri: str, experiment: str, project_dir: str | Path | None = None) -> str | None:
+    """Where an experiment created in the store `uri` keeps its runs' artifacts, so that no two stores share a
+    folder (MLflow's default for a database store is `./mlruns/<experiment id>` of the working directory: two
+    stores used from one checkout wrote into the same folders). A SQLite store: `mlruns/<file stem>/<experiment>`
+    beside its file (sqlite:///mlflow.db in the checkout: `mlruns/mlflow/ptuning/`); another database:
+    `mlruns/<driver>-<host>-<port>-<database>/<experiment>` of `project_dir` (default: the working directory).
+    None (the store's own choice) for a tracking server, which keeps or proxies its artifacts itself, and for a
+    file store, which keeps them in its own folder."""
+    scheme = urlparse(uri).scheme.lower()
+    if not scheme.startswith(("sqlite", "postgresql", "postgres", "mysql", "mssql")):
+        return None
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+    except Exception:
+        return None
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
+            return None
+        database = Path(url.database).expanduser().resolve()
+        root = database.parent / "mlruns" / safe_name(database.stem)
+    else:
+        store = safe_name(url.get_backend_name(), url.host, url.port, url.database)
+        root = Path(project_dir or Path.cwd()).resolve() / "mlruns" / store
+    return (root / safe_name(experiment)).as_uri()
+
+
+def best_metric_key(key: str) -> str:
+    """The MLflow key of a final figure: `dev.p1` -> `best.dev.p1` (the kept state's; `dev.*` steps are the
+    evaluations' curve), anything else unchanged (`test.p1`, `tasks.P19.dev.p1`)."""
+    return f"{BEST_PREFIX}{key}" if key.startswith(EVALUATED_SPLIT) else key
+
+
 def experiment_url(uri: str, experiment_id: str) -> str:
     """The UI page of an experiment on an MLflow server, opening on its training runs."""
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
@@ -228,7 +206,8 @@ class Tracker:
                         self.client.set_experiment_tag(found.experiment_id, key, value)
                 return found.experiment_id
             try:
-                return self.client.create_experiment(name, tags=EXPERIMENT_KIND)
+                return self.client.create_experiment(
+                    name, artifact_location=artifact_location(self.uri, name, self.project_dir), tags=EXPERIMENT_KIND)
             except MlflowException:  # created meanwhile by another worker
                 continue
         raise TrackingUnreachable(f"could not create or find experiment {name!r} in {redact_url(self.uri)}")
@@ -351,11 +330,14 @@ class Tracker:
 
     def log_result(self, metrics: dict, *, history=None, output_dir: str | Path | None = None,
                    run_id: str | None = None) -> None:
-        """Final metrics, flattened (relations.P19.test_p1 ...): numbers as metrics, strings as `result.*`
-        tags; metrics.json and history.json (given, or from `output_dir`) as artifacts."""
+        """Final metrics, flattened (tasks.P19.test.p1 ...): numbers as metrics, strings as `result.*` tags;
+        metrics.json and history.json (given, or from `output_dir`) as artifacts. The figures of the kept (best)
+        state on the split the evaluations measure go under keys of their own, `best.dev.p1`, `best.dev.score`
+        (best_metric_key): under `dev.p1` they would join the evaluations' curve, and MLflow's latest value (the
+        largest step) would show the last evaluation's figure, not the kept state's."""
         run_id = self._run_for(run_id)
         flat = flatten(metrics)
-        self.log_metrics(metrics, run_id=run_id)
+        self.log_metrics({best_metric_key(k): v for k, v in numeric_metrics(metrics).items()}, run_id=run_id)
         self.set_tags({f"result.{k}": v for k, v in flat.items() if isinstance(v, str)}, run_id)
         self.client.log_dict(run_id, metrics, "metrics.json")
         if history is None and output_dir is not None and (Path(output_dir) / "history.json").exists():
@@ -462,11 +444,33 @@ def _describe(meta: dict, figures: dict, tags: dict, version: str, champion: boo
     return "\n".join(lines)
 
 
+def _schedule_factor(info: dict):
+    """step -> the learning-rate schedule's factor after that many optimizer steps, as components.training's
+    own schedule computes it for this fit (on_train_begin's `info`); None when `info` does not say."""
+    try:
+        import torch
+
+        from components.training import TrainConfig, make_schedule
+
+        config = TrainConfig.from_dict(info["config"])
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        return make_schedule(optimizer, config, info["total_steps"], info["steps_per_epoch"]).lr_lambdas[0]
+    except Exception:
+        return None
+
+
 class TrackingCallback(Callback):
-    """Training as it goes: `train_loss` (mean over the last `every` steps) and `lr` every `every` steps,
+    """Training as it goes: `train_loss` (mean over the last `every` steps) and `lr_scale` every `every` steps,
     each evaluation's metrics at its step, `epoch_train_loss` per epoch, the best step at the end.
     Several fits in one run (LAMA `all`) continue one another's steps. A logging failure is reported
-    once and never stops training."""
+    once and never stops training.
+
+    The learning rate: `lr`, the optimizer's learning rate before the schedule (its first parameter group: the
+    prompt's, the LM's when only the LM trains), is logged once at step 0, and `lr_scale`, the schedule's factor
+    (the learning rate at a step is lr x lr_scale), at the steps. MLflow draws a constant series on an axis of
+    its value +-1 (plotly's autorange), so a constant lr of 3e-4 logged at each step read as a flat line at 0;
+    a figure logged at step 0 only is drawn as a bar from 0, and the factor reads on the +-1 axis (1.0: the
+    full lr, 0.98 after an epoch of exponential decay)."""
 
     def __init__(self, tracker: Tracker, run_id: str, every: int = 10):
         self.tracker, self.run_id, self.every = tracker, run_id, max(1, int(every))
@@ -475,6 +479,9 @@ class TrackingCallback(Callback):
         self.window: list[float] = []
         self.epoch_losses: list[float] = []
         self.steps_per_epoch = None
+        self.factor = None  # step -> the schedule's factor of the current fit
+        self.base_lrs: tuple[float, ...] = ()
+        self.lr_logged = False
         self.failed = False
 
     def _log(self, metrics: dict, step: int) -> None:
@@ -489,17 +496,33 @@ class TrackingCallback(Callback):
         self.offset, self.epochs_before = self.last, self.epoch
         self.steps_per_epoch = info.get("steps_per_epoch")
         self.window, self.epoch_losses = [], []
+        self.factor, self.lr_logged = _schedule_factor(info), False
+        config = info.get("config") or {}
+        self.base_lrs = tuple(config[k] for k in ("lr", "lm_lr") if isinstance(config.get(k), (int, float)))
         if info.get("resumed_at_step"):
             with contextlib.suppress(Exception):
                 self.tracker.client.set_tag(self.run_id, "resumed_at_step", str(info["resumed_at_step"]))
+
+    def _base_lr(self, lr: float, factor: float) -> float | None:
+        """The learning rate before the schedule: lr / factor, as configured (train.lr or train.lm_lr) when it
+        is one of them (no rounding error of the division in the record)."""
+        if factor <= 0:
+            return None
+        base = lr / factor
+        return next((b for b in self.base_lrs if math.isclose(b, base, rel_tol=1e-6)), base)
 
     def on_step(self, step: int, loss: float, lr: float) -> None:
         at = self.offset + step
         self.last = at
         self.window.append(loss)
         self.epoch_losses.append(loss)
+        factor = self.factor(step) if self.factor is not None else None
+        if factor is not None and not self.lr_logged and (base := self._base_lr(lr, factor)) is not None:
+            self._log({"lr": base}, 0)
+            self.lr_logged = True
         if step % self.every == 0:
-            self._log({"train_loss": sum(self.window) / len(self.window), "lr": lr}, at)
+            schedule = {"lr_scale": factor} if factor is not None else {"lr": lr}  # no schedule known: the lr itself
+            self._log({"train_loss": sum(self.window) / len(self.window), **schedule}, at)
             self.window = []
         if self.steps_per_epoch and step % self.steps_per_epoch == 0:
             self.epoch = self.epochs_before + step // self.steps_per_epoch
