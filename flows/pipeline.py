@@ -414,6 +414,27 @@ def evaluate(job: dict, finals: list[dict], parent_run_id: str) -> dict:
     return result
 
 
+# the untrained manual prompt of each benchmark: what every trained method's figure is read against
+ZERO_SHOT = {"lama": "manual", "superglue": "manual-zeroshot"}
+
+
+@task(name="zero-shot-baseline", **RETRIES)
+def zero_shot_baseline(job: dict, parent_run_id: str) -> dict | None:
+    """The manual prompt, untrained, on the same task, model and data: its report figure, logged on the parent run as
+    `baseline.<method>.<report key>` (None for the zero-shot method itself). Its run directory is reused like any run's."""
+    from components.run_dir import execute
+
+    method = ZERO_SHOT[job["benchmark"]]
+    if job["method"] == method:
+        return None
+    config = _config(job, {"method": method})
+    metrics, reused = execute(config, Path(job["outputs_dir"]) / "runs" / config.fingerprint_hash())
+    value = numeric_metrics(metrics).get(job["report_key"])
+    if value is not None:
+        _tracker(job).log_metrics({f"baseline.{method}.{job['report_key']}": value}, run_id=parent_run_id)
+    return {"method": method, "value": value}
+
+
 @task(name="register", **RETRIES)
 def register(job: dict, best_final: dict) -> list[dict]:
     """Register the best seed's prompt(s) as versions of `ptuning-<benchmark>-<task>-<vocab|setting>-<model>`; the
@@ -502,12 +523,19 @@ def ptuning(
         found = search(job)
         finals = [final_train(job, found["best_params"], seed, found["parent_run_id"]) for seed in run.seeds]
         evaluation = evaluate(job, finals, found["parent_run_id"])
+        baseline = zero_shot_baseline(job, found["parent_run_id"])
+        if baseline and baseline["value"] is not None and evaluation["mean"] is not None:
+            gain = evaluation["mean"] - baseline["value"]
+            logger.info("%s: %s %.4f, %s the zero-shot manual prompt (%s %.4f) by %.4f", job["study"], run.report_key,
+                        evaluation["mean"], "beats" if gain > 0 else "does not beat", baseline["method"],
+                        baseline["value"], abs(gain))
         best = next(f for f in finals if f["seed"] == evaluation["best_seed"])
         registered = register(job, best)
         results.append({"study": job["study"], "task": combo["task"], "model": combo["model"], "method": combo["method"],
                         "best_params": found["best_params"], "best_dev_score": found["best_value"],
                         "trials": found["trials"], "parent_run_id": found["parent_run_id"],
                         "report_key": run.report_key, "mean": evaluation["mean"], "std": evaluation["std"],
+                        "zero_shot": baseline,
                         "registered": registered})
     _summary_artifact(run, results)
     return {"benchmark": run.benchmark, "tracking_uri": run.tracking_uri, "experiment": run.tracking["experiment"],
@@ -519,12 +547,13 @@ def _summary_artifact(run: Plan, results: list[dict]) -> None:
 
     lines = [f"# ptuning/{run.benchmark}", "", f"MLflow: `{run.tracking_uri}` (experiment `{run.tracking['experiment']}`), "
              f"Optuna: `{run.storage}`", "",
-             f"| study | best params | best {run.selection_key} | {run.report_key} (mean ± std) | registered |",
-             "|---|---|---|---|---|"]
+             f"| study | best params | best {run.selection_key} | {run.report_key} (mean ± std) | zero-shot manual prompt | registered |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         reg = ", ".join(f"{x['name']} v{x['version']} ({', '.join(x['aliases']) or '-'})" for x in r["registered"]) or "-"
         test = "-" if r["mean"] is None else f"{r['mean']:.4f}" + ("" if r["std"] is None else f" ± {r['std']:.4f}")
-        lines.append(f"| {r['study']} | {r['best_params']} | {r['best_dev_score']:.4f} | {test} | {reg} |")
+        zero = "-" if not r["zero_shot"] or r["zero_shot"]["value"] is None else f"{r['zero_shot']['value']:.4f}"
+        lines.append(f"| {r['study']} | {r['best_params']} | {r['best_dev_score']:.4f} | {test} | {zero} | {reg} |")
     with contextlib.suppress(Exception):
         create_markdown_artifact("\n".join(lines), key=f"ptuning-{run.benchmark}", description="ptuning results")
 

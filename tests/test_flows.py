@@ -228,7 +228,17 @@ def test_a_bad_task_fails_before_dvc_optuna_or_mlflow(stack, first_runs):
 
 
 def test_superglue_deployment_end_to_end(stack, first_runs):
-    check_registration(stack, "e2e-superglue", "superglue", "cb", "fewshot", n_trials=2)
+    client, *_ = check_registration(stack, "e2e-superglue", "superglue", "cb", "fewshot", n_trials=2)
+    # the zero-shot manual prompt on the same task: logged on the parent run, and the gain said in the flow's log
+    exp = client.get_experiment_by_name("e2e-superglue")
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if "final.val.score.mean" in r.data.metrics)
+    zero_shot, trained = parent.data.metrics["baseline.manual-zeroshot.val.score"], parent.data.metrics["final.val.score.mean"]
+    said = re.search(r"val.score ([0-9.]+), (beats|does not beat) the zero-shot manual prompt "
+                     r"\(manual-zeroshot ([0-9.]+)\) by ([0-9.]+)", flow_logs(stack, first_runs["superglue"]))
+    assert said, flow_logs(stack, first_runs["superglue"])[-3000:]
+    assert float(said.group(3)) == pytest.approx(zero_shot, abs=1e-4) and float(said.group(1)) == pytest.approx(trained, abs=1e-4)
+    assert (said.group(2) == "beats") == (trained > zero_shot)
+    assert float(said.group(4)) == pytest.approx(abs(trained - zero_shot), abs=1e-4)
 
 
 # --- the flow's plumbing, without servers --------------------------------------------------------------
