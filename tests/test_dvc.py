@@ -4,7 +4,8 @@ the project's files (the working tree may be uncommitted) next to a link to the 
 `dvc repro prepare_lama` works and a second run does nothing; a tiny `train_lama` (params/lama.yaml of the
 copy set to tiny-gpt2 and a few steps) makes `dvc metrics show` and `dvc plots show` work; changing one
 training parameter leaves only `train_lama` out of date; `dvc exp run -S` trains with the value it sets (the
-stage reads the params/ of the workspace it runs in)."""
+stage reads the params/ of the workspace it runs in). In a fresh clone of the checkout, `dvc metrics show` prints
+the reports' headline rows, short and without a warning, and `dvc plots show` leaves git's status clean."""
 import json
 import os
 import shutil
@@ -79,7 +80,8 @@ def test_train_stage_metrics_plots_and_param_change(dvc_repo):
     assert lines[0].split(",")[:3] == ["step", "epoch", "task"] and "dev_score" in lines[0]
     assert [line.split(",")[0] for line in lines[1:]] == ["2", "4"]
 
-    shown = json.loads(_dvc(repo, "metrics", "show", "--json", env=env).stdout)
+    # the stage's figures are an output shown by name (not a DVC metric: a fresh clone has none of them)
+    shown = json.loads(_dvc(repo, "metrics", "show", "--json", "outputs/dvc/lama/metrics.json", env=env).stdout)
     text = json.dumps(shown)
     assert "outputs/dvc/lama/metrics.json" in text and '"p1"' in text and '"score"' in text
     assert set(shown[next(iter(shown))]["data"]["outputs/dvc/lama/metrics.json"]["data"]) >= {"test", "dev"}
@@ -112,3 +114,42 @@ def test_exp_run_set_param_reaches_the_training(dvc_repo):
     _dvc(repo, "exp", "run", "-S", "params/lama.yaml:train.lr=3e-4", "train_lama", env=env)
     recorded = json.loads((repo / "outputs" / "dvc" / "lama" / "run" / "fingerprint.json").read_text())
     assert recorded["params"]["train"]["lr"] == 3e-4
+
+
+def test_a_fresh_clone_shows_short_metrics_without_a_warning(repo_dir, tmp_path):
+    """The checkout's files as git would commit them (tracked and untracked, not ignored), committed to a throw-away
+    repository and cloned: `dvc metrics show` there prints the reports' headline figures (their metrics.json; the
+    per-relation results.json is no DVC metric), fails to load nothing, and prints no line over 200 characters;
+    `dvc plots show` writes dvc_plots/, which git ignores."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo_dir,
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    source = tmp_path / "source"
+    for name in filter(None, listed):
+        if (repo_dir / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_dir / name, source / name)
+    git = lambda cwd, *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                                             check=True, capture_output=True, text=True)
+    git(source, "init", "-q")
+    git(source, "add", "-A")
+    git(source, "commit", "-qm", "checkout")
+    git(tmp_path, "clone", "-q", str(source), "clone")
+    clone = tmp_path / "clone"
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    shown = _dvc(clone, "metrics", "show", env=env)
+    assert "failed to load" not in shown.stdout + shown.stderr and not shown.stderr.strip(), shown.stderr[-2000:]
+    lines = shown.stdout.splitlines()
+    assert max(map(len, lines)) <= 200, max(lines, key=len)[:300]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert set(rows) == {"reports/lama/smollm2-135m/metrics.json", "reports/superglue/smollm2-135m-fewshot/metrics.json"}
+    assert lines[0].split()[0] == "Path" and {"ptuning", "manual", "majority"} <= set(lines[0].split())
+    figures = json.loads(_dvc(clone, "metrics", "show", "--json", env=env).stdout)
+    lama = next(iter(figures.values()))["data"]["reports/lama/smollm2-135m/metrics.json"]["data"]
+    results = json.loads((clone / "reports" / "lama" / "smollm2-135m" / "results.json").read_text())
+    assert lama["ptuning"] == results["methods"]["ptuning"]["macro_test_p1"]
+    assert lama["majority"] == results["majority"]["macro_test_p1"]
+
+    _dvc(clone, "plots", "show", env=env)
+    assert (clone / "dvc_plots" / "index.html").exists()
+    assert git(clone, "status", "--porcelain").stdout == ""

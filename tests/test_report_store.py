@@ -120,3 +120,51 @@ def test_a_zero_spread_over_seeds_is_shown_and_a_single_run_has_none():
     assert mean_std([0.25]) == (0.25, None) and pct(*mean_std([0.25])) == "25.0"
     assert mean_std([0.2, 0.4])[1] == pytest.approx(0.2 / 2 ** 0.5)  # the sample std (n-1), as REPORT.md says
     assert pct(None) == "–"
+
+
+def test_a_killed_pool_is_resumed_only_for_the_units_it_was_training(tmp_path):
+    """components/reports/lama.py `_pool_jobs`: a P-tuning pool checkpoint is continued when it holds every missing
+    unit and only units of this run; otherwise the missing units train in a new pool and the checkpoint goes."""
+    import json
+    from types import SimpleNamespace
+
+    from components.benchmarks.lama.shared import PoolCheckpoint
+    from components.reports.lama import _pool_jobs
+
+    checkpoint = PoolCheckpoint(tmp_path)
+    report = SimpleNamespace(relations=("P19", "P36"), seeds=(34, 35))
+    assert _pool_jobs(report, [("P36", 34)], checkpoint) == [("P36", 34)]  # no checkpoint: the missing units
+    pending = [("P36", 34), ("P19", 35), ("P36", 35)]
+
+    def killed_pool():
+        (tmp_path / "pool.json").write_text(json.dumps({"jobs": [{"key": f"{r}-s{s}", "relation": r, "seed": s}
+                                                                 for r, s in pending]}))
+
+    killed_pool()
+    assert _pool_jobs(report, pending, checkpoint) == pending
+    # P19-s35 finished and was saved after the last checkpoint: it trains again, so that its neighbours keep it
+    assert _pool_jobs(report, [("P36", 34), ("P36", 35)], checkpoint) == pending
+    # a missing unit that the pool was not training (its file deleted since): a new pool, the checkpoint dropped
+    assert _pool_jobs(report, [("P19", 34), ("P36", 34)], checkpoint) == [("P19", 34), ("P36", 34)]
+    assert checkpoint.read() is None
+    killed_pool()  # a run of fewer seeds: the pool trains a unit this run does not ask for
+    assert _pool_jobs(SimpleNamespace(relations=("P19", "P36"), seeds=(34,)), [("P36", 34)], checkpoint) == [("P36", 34)]
+
+
+def test_lm_training_of_a_report_logs_a_line_every_interval(caplog):
+    """FT and MP+FT train an LM for minutes per relation on a CPU: without a progress bar, a line at most every
+    interval (a minute in the report) while it trains."""
+    import logging
+
+    from components.benchmarks.lama.shared import Heartbeat
+    from components.reports.lama import _StepHeartbeat
+
+    now = [0.0]
+    beat = _StepHeartbeat(Heartbeat(every_s=60, logger=logging.getLogger("components.reports.lama"), clock=lambda: now[0]),
+                          "FT P103 seed 34")
+    beat.on_train_begin({"total_steps": 100})
+    with caplog.at_level(logging.INFO, logger="components"):
+        for step in range(1, 101):
+            now[0] = 7.0 * step  # 7 s a step
+            beat.on_step(step, 0.5, 1e-5)
+    assert [r.getMessage() for r in caplog.records] == [f"FT P103 seed 34: step {s}/100, loss 0.5000" for s in (9, 18, 27, 36, 45, 54, 63, 72, 81, 90, 99)]

@@ -1,12 +1,15 @@
 """The shared-batch trainer (components/benchmarks/lama/shared.py) against one-relation training on real facts."""
+import logging
 import re
 import shutil
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from components.benchmarks.lama.run import run_relation
-from components.benchmarks.lama.shared import Job, load_relations, train_shared
+from components.benchmarks.lama.shared import Heartbeat, Job, PoolCheckpoint, load_relations, state_digest, train_shared
 from components.method.model import load_prompt
 from components.models.catalog import load_lm
 from components.run_config import resolve
@@ -114,3 +117,90 @@ def test_the_recipe_sweep_ranks_recipes_on_dev_and_never_scores_test(small_lama,
         sweep.main(["--recipes", "lstm/3e-4"])
     with pytest.raises(SystemExit, match="is not encoder/init/lr"):
         sweep.main(["--recipes", "lstm/random/3e-4/length_bucketing"])
+
+
+def _beats(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "components.benchmarks.lama.shared"
+            and "P-tuning: shared step" in r.getMessage()]
+
+
+def test_without_a_progress_bar_the_pool_logs_a_line_every_interval(small_lama, caplog):
+    """`--no-progress`: a line on the `components` logger at most every `log_every_s` (a minute by default), so
+    that a long pool is never silent; none with a progress bar."""
+    config = _config(small_lama, "P36", max_steps=3, eval_every=3, patience=None)
+    lm = load_lm("tiny-gpt2")
+    data, candidates = load_relations(["P36"], lm, config.params)
+    job = Job("P36", data[0], config.tasks[0].train)
+    with caplog.at_level(logging.INFO, logger="components"):
+        train_shared(lm, [job], candidates, pool=1, show_progress=False, log_every_s=0)
+        beats = _beats(caplog)
+        assert [int(re.search(r"shared step (\d+)", b).group(1)) for b in beats] == [1, 2, 3]
+        assert "prompt steps 1/3, prompts done 0/1" in beats[0] and "prompt steps 3/3, prompts done 1/1" in beats[-1]
+        caplog.clear()
+        train_shared(lm, [job], candidates, pool=1, show_progress=False, log_every_s=3600)
+        train_shared(lm, [job], candidates, pool=1, show_progress=True, log_every_s=0)
+        assert _beats(caplog) == []
+
+
+def test_heartbeat_logs_at_most_once_per_interval(caplog):
+    now = [100.0]
+    beat = Heartbeat(every_s=60, clock=lambda: now[0])
+    said = []
+    with caplog.at_level(logging.INFO, logger="components"):
+        for t in (110.0, 159.9, 160.0, 200.0, 220.5):
+            now[0] = t
+            said.append(beat("at %s", t))
+    assert said == [False, False, True, False, True]
+    assert [r.getMessage() for r in caplog.records] == ["at 160.0", "at 220.5"]
+
+
+def test_a_pool_resumed_from_any_checkpoint_ends_as_an_uninterrupted_one(small_lama, tmp_path):
+    """In process: a pool stopped right after its n-th job finished (its unit saved, the others still training)
+    resumes from its last checkpoint with the jobs that checkpoint had pending, and every job ends with the prompt,
+    history and figures of the uninterrupted pool, and the same training counts."""
+    config = _config(small_lama, "P36,P1376", encoder="mlp", epochs=3, eval_every=2, patience=None)
+    lm = load_lm("tiny-gpt2")
+    data, candidates = load_relations(["P36", "P1376"], lm, config.params)
+    by_name, train = {d.relation: d for d in data}, config.tasks[0].train
+    jobs = lambda keys: [Job(f"{r}-{s}", by_name[r], replace(train, seed=s), "mlp") for r, s in keys]
+    keys = [("P36", 34), ("P1376", 34), ("P36", 35), ("P1376", 35)]
+    straight, straight_timing = train_shared(lm, jobs(keys), candidates, pool=2, lm_batch=6, show_progress=False,
+                                             checkpoint_dir=tmp_path / "straight", checkpoint_every_s=0)
+    expected = {r.key: (state_digest(r.encoder_state), r.history, r.test_p1, r.dev_p1, r.steps) for r in straight}
+    assert not list((tmp_path / "straight").glob("pool*"))  # a finished pool removes its checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def stop(result):
+        raise Stop
+
+    for stop_after in (1, 2, 3):
+        directory, finished = tmp_path / f"stopped-{stop_after}", []
+
+        def on_job_end(result):
+            finished.append(result.key)
+            if len(finished) == stop_after:
+                raise Stop
+
+        with pytest.raises(Stop):
+            train_shared(lm, jobs(keys), candidates, pool=2, lm_batch=6, show_progress=False,
+                         checkpoint_dir=directory, checkpoint_every_s=0, on_job_end=on_job_end)
+        pending = [(j["relation"], j["seed"]) for j in PoolCheckpoint(directory).pending()]
+        assert set(pending) <= set(keys)
+        resumed, timing = train_shared(lm, jobs(pending), candidates, pool=2, lm_batch=6, show_progress=False,
+                                       checkpoint_dir=directory, checkpoint_every_s=0)
+        got = {r.key: (state_digest(r.encoder_state), r.history, r.test_p1, r.dev_p1, r.steps) for r in resumed}
+        assert set(got) == {f"{r}-{s}" for r, s in pending} and set(got) | set(finished[:-1]) == set(expected)
+        assert got == {k: expected[k] for k in got}
+        assert (timing["train_examples"], timing["shared_steps"]) == (straight_timing["train_examples"],
+                                                                     straight_timing["shared_steps"])
+        assert not list(directory.glob("pool*"))
+    # a checkpoint resumes only the pool it holds: other jobs are an error, not a silently different pool
+    with pytest.raises(Stop):
+        train_shared(lm, jobs(keys), candidates, pool=2, lm_batch=6, show_progress=False,
+                     checkpoint_dir=tmp_path / "other", on_job_end=stop)
+    assert PoolCheckpoint(tmp_path / "other").read()["shared_step"] == 0  # the one written at the start
+    with pytest.raises(ValueError, match="holds other jobs or settings"):
+        train_shared(lm, jobs(keys[:2]), candidates, pool=2, lm_batch=6, show_progress=False,
+                     checkpoint_dir=tmp_path / "other")

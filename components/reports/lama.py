@@ -3,9 +3,14 @@
 Methods: the manual prompt (MP) and P-tuning over the relations (P-tuning: frozen LM, every seed, all
 relations' prompts trained together by the shared-batch trainer); FT and MP+FT train the LM, one fresh LM per
 relation: every relation on a GPU, on a CPU the subset that params/report.yaml declares (the report names it).
-Every (method, relation, seed) is saved under `<out>/units/` as it finishes, so a killed report resumes.
+Every (method, relation, seed) is saved under `<out>/units/` as it finishes, so a killed report resumes; the
+P-tuning pool also checkpoints its whole state (`shared.PoolCheckpoint`, in `<out>/.scratch/ptuning/pool`), so that
+the prompts it was training when killed continue beside the same neighbours and end with the same figures as an
+uninterrupted run. A method's time is counted as it is spent (at every unit and pool checkpoint), killed
+invocations included; without a progress bar each phase logs a line at least every minute.
 
-Writes `<out>/results.json` (P@1 as fractions), `<out>/REPORT.md` and three PNG figures.
+Writes `<out>/results.json` (every figure, P@1 as fractions), `<out>/metrics.json` (the macro figures alone: the
+DVC metrics), `<out>/REPORT.md` and three PNG figures.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from components.reports.store import (Clock, UnitKey, UnitStore, device_kind, me
                                       own_option, pct, provenance, report_dir, std_line, subset_label, unique,
                                       versions_line, write_atomic)
 from components.run_config import resolve
+from components.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 OPTION = "vocab"
@@ -90,8 +96,9 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
         relations = lm_subset if method in LM_TRAINED else report.relations
         seeds = (None,) if method == "manual" else report.seeds
         base = report.config(settings, method, report.seeds[0], root)
-        # P-tuning's results come from the shared trainer: its code counts too, and so do the batch sizes (which
-        # prompts share a pool also follows from which units are missing: a resumed run may pair them otherwise)
+        # P-tuning's results come from the shared trainer: its code counts too, and so do the batch sizes (a killed
+        # pool resumes from its checkpoint with the same neighbours; a run asked for other seeds or relations than
+        # the killed one starts a pool of its own, which may pair the missing prompts otherwise)
         shared_batches = {"shared_trainer": stable_hash(Path(shared.__file__).read_text()), "pool": settings["pool"],
                           "lm_batch": settings["lm_batch"]}
         key = keys[method] = UnitKey(base, **(shared_batches if method == "ptuning" else {}))
@@ -108,6 +115,7 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
     results["provenance"] = provenance(keys)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
+    store.write_metrics(results, "macro_test_p1")
     _figures(report, results, store)
     write_atomic(report.output_dir / "REPORT.md", _markdown(report, results, settings))
     return results
@@ -127,29 +135,50 @@ def _run_one_by_one(report, settings, base, method, todo, store, key, clock, sho
 
     lm = load_lm(report.model) if method == "manual" else None
     bar = tqdm(todo, desc=METHOD_NAMES[method], unit="relation", disable=not show_progress, mininterval=2.0)
+    heartbeat = shared.Heartbeat(logger=log)
     for i, (relation, seed) in enumerate(bar):
         t0 = time.time()
-        plan = TaskPlan(relation, None)
+        plan, callbacks = TaskPlan(relation, None), []
         if method != "manual":
             lm = load_lm(report.model)  # every relation starts from the pretrained LM
             plan = base.with_overrides({"train.seed": seed, "task": relation}).tasks[0]
+            if not show_progress:  # minutes of LM training per relation on a CPU: say where it is
+                callbacks = [_StepHeartbeat(heartbeat, f"{METHOD_NAMES[method]} {relation} seed {seed}")]
         run_dir = store.scratch(method, relation, seed, key(relation, seed))
-        result = run_relation(plan, lm, base.params, run_dir)
+        result = run_relation(plan, lm, base.params, run_dir, callbacks)
         remove_checkpoints(run_dir)  # a finished unit keeps its figures, not an LM's resume state
         store.put(method, relation, seed, key(relation, seed), {
             "relation": relation, "test_p1": result.test_p1, "dev_p1": result.dev_p1, "steps": result.steps,
             "n_train": result.n_train, "n_test": result.n_test, "dropped": result.dropped,
             "history": result.history, "seconds": time.time() - t0})
         clock.tick()
+        if not show_progress:
+            heartbeat("%s: %d of %d units done", METHOD_NAMES[method], i + 1, len(todo))
         if on_progress is not None:
             on_progress({"method": method, "done": i + 1, "total": len(todo)})
     return {}
 
 
+class _StepHeartbeat(Callback):
+    """A line at most every minute (the heartbeat's interval) while one relation's LM trains."""
+
+    def __init__(self, heartbeat: "shared.Heartbeat", label: str):
+        self.heartbeat, self.label, self.total = heartbeat, label, None
+
+    def on_train_begin(self, info):
+        self.total = info["total_steps"]
+
+    def on_step(self, step, loss, lr):
+        self.heartbeat("%s: step %d/%s, loss %.4f", self.label, step, self.total, loss)
+
+
 def _run_ptuning(report, settings, base, method, todo, store, key, clock, show_progress, on_progress) -> dict:
-    """Every missing (relation, seed) prompt in one shared-batch training over one frozen LM."""
+    """Every missing (relation, seed) prompt in one shared-batch training over one frozen LM; a pool that was
+    killed continues from its checkpoint (`_pool_jobs`)."""
     from components.models.catalog import load_lm
 
+    checkpoint = shared.PoolCheckpoint(store.scratch(method, "pool", None, key.settings))  # emptied for other settings
+    todo = _pool_jobs(report, todo, checkpoint)
     lm = load_lm(report.model)
     relations = list(dict.fromkeys(r for r, _ in todo))
     loaded, candidate_ids = shared.load_relations(relations, lm, base.params, "ptuning")
@@ -163,14 +192,35 @@ def _run_ptuning(report, settings, base, method, todo, store, key, clock, show_p
             "relation": result.relation, "test_p1": result.test_p1, "dev_p1": result.dev_p1, "steps": result.steps,
             "best_step": result.best_step, "stopped_early": result.stopped_early,
             "n_train": len(data.splits["train"]), "n_test": len(data.splits["test"]), "dropped": data.dropped,
-            "history": result.history, "seconds": result.seconds})
+            "history": result.history, "seconds": result.seconds,
+            "prompt_sha256": shared.state_digest(result.encoder_state)})  # the kept prompt, to the last bit
+        log.info("P-tuning %s seed %d: test P@1 %.4f (dev %.4f) after %d steps", result.relation, result.seed,
+                 result.test_p1, result.dev_p1, result.steps)
         clock.tick()
 
     progress = (lambda p: on_progress({"method": method, **p})) if on_progress else None
     _, timing = shared.train_shared(lm, jobs, candidate_ids, pool=settings["pool"], lm_batch=settings["lm_batch"],
                                     eval_batch_size=base.params["eval_batch_size"], on_job_end=save,
-                                    on_progress=progress, show_progress=show_progress)
+                                    on_progress=progress, show_progress=show_progress,
+                                    checkpoint_dir=checkpoint.directory, on_checkpoint=clock.tick)
     return timing
+
+
+def _pool_jobs(report, todo, checkpoint: "shared.PoolCheckpoint") -> list[tuple[str, int]]:
+    """The (relation, seed) jobs to train: a checkpointed pool's pending jobs when it holds every missing unit and
+    only units of this run (those finished after its checkpoint are trained again, beside the same neighbours,
+    and end as they did); otherwise the missing units, in a new pool (the checkpoint is dropped)."""
+    pending = checkpoint.pending()
+    if pending is None:
+        return todo
+    saved = [(job["relation"], job["seed"]) for job in pending]
+    wanted = {(r, s) for s in report.seeds for r in report.relations}
+    if set(todo) <= set(saved) <= wanted:
+        return saved
+    log.info("P-tuning: the pool checkpoint in %s trained other units than this run's; starting a new pool",
+             checkpoint.directory)
+    checkpoint.clear()
+    return todo
 
 
 def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_subset) -> dict:
@@ -190,6 +240,8 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, lm_
                 "steps": mean_std([u["steps"] for u in found])[0], "seconds": sum(u["seconds"] for u in found),
                 "n_test": found[0]["n_test"], "test_p1_by_seed": {str(u["seed"]): u["test_p1"] for u in found},
                 "dev_curve": [(h["step"], h["dev.p1"]) for h in found[0]["history"]],
+                **({"prompt_sha256_by_seed": {str(u["seed"]): u["prompt_sha256"] for u in found}}
+                   if all("prompt_sha256" in u for u in found) else {}),
                 # seeds whose prompt never got one dev fact right: a failed training, not a small gain
                 "seeds_dev_always_0": [u["seed"] for u in found
                                        if u["history"] and not any(h["dev.p1"] for h in u["history"])]}
@@ -353,7 +405,7 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
         lines += ["", f"P-tuning, shared batches (pool {settings['pool']} prompts, LM batch {settings['lm_batch']}): "
                       f"{timing['examples_per_s']:.1f} training examples/s; evaluation (dev {timing['dev_eval_s']:.0f} s, "
                       f"test {timing['test_eval_s']:.0f} s) = {100 * evaluation / timing['train_s']:.1f}% of the training time "
-                      "(figures of the last invocation)."]
+                      "(figures of the last pool, over every invocation that resumed it)."]
     lines += ["", *section(report.output_dir, FIGURES), "Settings (params/report.yaml over params/lama.yaml): `"
               + json.dumps(settings["overrides"]) + "`", ""]
     return "\n".join(lines)

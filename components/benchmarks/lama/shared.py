@@ -9,17 +9,30 @@ would get alone: with one job this is `run.run_relation`'s training, up to the f
 shapes. A job that stops (patience on its dev P@1, or its last step) leaves the batch, its best state
 restored and its test P@1 measured, and the next queued job takes its place (at most `pool` jobs at once).
 
+A job's figures depend on its neighbours in the batch (float noise of other batch shapes), so a killed pool must
+continue as it was, not start afresh with the jobs left: with `checkpoint_dir`, the pool's whole state (every
+active job's encoder, optimizer, schedule, batch order, early stopping and best state, the queue, the random
+generators, the timing) is saved when it starts and at its evaluations (at most every `checkpoint_every_s`), as
+safetensors + JSON written atomically, and the same call with the jobs it had pending resumes it exactly.
+
 Why: on a CPU the frozen LM's forward+backward costs 63 ms per example at batch 8 and 33 ms at batch 64
 (SmolLM2-135M), so one relation's batch of 8 wastes half the machine.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from components.benchmarks.lama.run import Candidates, Fact, RelationData, load_relation, new_encoder, precision_at_1
@@ -27,6 +40,44 @@ from components.method.model import PromptedLM
 from components.method.templates import collate, pad_id
 from components.training import (TrainConfig, improved, length_batches, make_accelerator, make_optimizer,
                                  make_schedule, seed_everything)
+from components.training.storage import atomic_write
+
+log = logging.getLogger(__name__)
+# Defaults of `train_shared` (read when it is called, so that a test can lower them in a subprocess).
+CHECKPOINT_EVERY_S = 60.0  # the pool's state at most this often (at an evaluation); a checkpoint of 14 prompts
+                           # with their optimizer states is about 150 MB for SmolLM2-135M's MLP encoder
+HEARTBEAT_S = 60.0         # without a progress bar, one progress line on the `components` logger this often
+CHECKPOINT = "pool.json"   # beside it, the tensors: pool-<shared step>.safetensors
+
+
+class Heartbeat:
+    """At most one line every `every_s` seconds on a logger (`components...`: the terminal, and Prefect's logs when
+    a flow runs this): a long phase without a progress bar still says where it is."""
+
+    def __init__(self, every_s: float = HEARTBEAT_S, logger: logging.Logger = log,
+                 clock: Callable[[], float] = time.monotonic):
+        self.every_s, self.log, self.clock = every_s, logger, clock
+        self.last = clock()
+
+    def __call__(self, message: str, *args) -> bool:
+        """Log the line if `every_s` have passed since the last one (or the start); True when it did."""
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return False
+        self.last = now
+        self.log.info(message, *args)
+        return True
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict (names, dtypes, shapes and bytes, in name order): two prompts trained alike to the
+    last bit have the same digest."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_relations(relations: list[str], lm, params: dict, method: str = "ptuning") -> tuple[list[RelationData], torch.Tensor]:
@@ -64,7 +115,7 @@ class _Job:
 
     def __init__(self, job: Job, lm, device):
         key, data, config, encoder_kind = job.key, job.data, job.config, job.encoder
-        self.key, self.data, self.config = key, data, config
+        self.job, self.key, self.data, self.config = job, key, data, config
         seed_everything(config.seed)  # as run_relation: the encoder's initialisation depends on the seed only
         self.encoder = new_encoder(data, lm, encoder_kind).to(device)
         self.optimizer = make_optimizer(self.encoder, config)
@@ -81,6 +132,41 @@ class _Job:
 
     def _state(self) -> dict:
         return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+
+    def snapshot(self, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Everything a resumed job needs, as JSON and CPU tensors named `<prefix>...`. The best state is stored
+        only when it differs from the encoder's (it was kept at an earlier step)."""
+        cpu = lambda t: t.detach().to("cpu", copy=True).contiguous()
+        tensors = {f"{prefix}encoder.{k}": cpu(v) for k, v in self.encoder.state_dict().items()}
+        best_is_current = self.best_step == self.step
+        if not best_is_current:
+            tensors.update({f"{prefix}best.{k}": cpu(v) for k, v in self.best_state.items()})
+        optimizer = self.optimizer.state_dict()
+        for pid, values in optimizer["state"].items():
+            tensors.update({f"{prefix}optimizer.{pid}.{name}": cpu(v) for name, v in values.items()})
+        meta = {"step": self.step, "epoch": self.epoch, "position": self.position, "best_step": self.best_step,
+                "bad_evals": self.bad_evals, "batches": self.batches, "best": self.best, "history": self.history,
+                "best_is_current": best_is_current, "elapsed_s": time.time() - self.started,
+                "optimizer": {"param_groups": optimizer["param_groups"],
+                              "state": {str(pid): sorted(values) for pid, values in optimizer["state"].items()}},
+                "scheduler": self.scheduler.state_dict()}
+        return meta, tensors
+
+    def restore(self, meta: dict, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        """The state `snapshot` saved, onto this freshly built job."""
+        device = next(self.encoder.parameters()).device
+        named = lambda part: {k[len(prefix) + len(part) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{part}.")}
+        self.encoder.load_state_dict(named("encoder"))
+        self.best_state = self._state() if meta["best_is_current"] else {k: v.to(device) for k, v in named("best").items()}
+        self.optimizer.load_state_dict({
+            "param_groups": meta["optimizer"]["param_groups"],
+            "state": {int(pid): {name: tensors[f"{prefix}optimizer.{pid}.{name}"] for name in names}
+                      for pid, names in meta["optimizer"]["state"].items()}})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.step, self.epoch, self.position = meta["step"], meta["epoch"], meta["position"]
+        self.best_step, self.bad_evals, self.best = meta["best_step"], meta["bad_evals"], meta["best"]
+        self.batches, self.history = meta["batches"], meta["history"]
+        self.started = time.time() - meta["elapsed_s"]
 
     def next_batch(self) -> list[Fact]:
         if self.batches is None:
@@ -154,6 +240,56 @@ def _chunks(rows: list[tuple[_Job, Fact]], size: int):
     return [rows[s:s + size] for s in range(0, len(rows), size)]
 
 
+def _job_record(job: Job) -> dict:
+    """What a checkpoint says of a job, to check that a resumed pool is given the jobs it had."""
+    return {"key": job.key, "relation": job.data.relation, "seed": job.config.seed, "encoder": job.encoder,
+            "config": json.loads(json.dumps(asdict(job.config))),
+            "facts": {split: len(facts) for split, facts in job.data.splits.items()}}
+
+
+class PoolCheckpoint:
+    """A pool's state in `directory`: `pool.json` (the jobs, the queue, each active job's bookkeeping, optimizer
+    settings and schedule, the Python RNG, the timing) naming `pool-<step>.safetensors` (every tensor: encoders,
+    best states, optimizer moments, torch's RNG states) with its sha256. Both are written atomically, the tensors
+    first, so that a kill at any moment leaves the previous checkpoint whole; nothing is unpickled on loading."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / CHECKPOINT
+
+    def read(self) -> dict | None:
+        """pool.json's content, or None when there is no checkpoint."""
+        return json.loads(self.path.read_text()) if self.path.exists() else None
+
+    def pending(self) -> list[dict] | None:
+        """The jobs (`_job_record`: key, relation, seed ...) active or queued at the checkpoint, in its order."""
+        meta = self.read()
+        return None if meta is None else meta["jobs"]
+
+    def save(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"pool-{meta['shared_step']:09d}.safetensors"
+        data = save_safetensors(tensors)
+        atomic_write(self.directory / name, data, needed=len(data))
+        meta = {**meta, "tensors": name, "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write(self.path, json.dumps(meta))
+        for old in self.directory.glob("pool-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def load(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        meta = self.read()
+        data = (self.directory / meta["tensors"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"the pool checkpoint {self.directory / meta['tensors']} does not match its sha256 in "
+                             f"{self.path}: remove {self.directory} to start the pool afresh")
+        return meta, load_safetensors(data)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        for old in self.directory.glob("pool-*.safetensors"):
+            old.unlink(missing_ok=True)
+
+
 def train_shared(
     lm,
     jobs: list[Job],
@@ -165,16 +301,30 @@ def train_shared(
     on_progress: Callable[[dict], None] | None = None,
     show_progress: bool = True,
     test: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
+    checkpoint_every_s: float | None = None,
+    log_every_s: float | None = None,
 ) -> tuple[list[JobResult], dict]:
     """Train every job; at most `pool` jobs share a step, whose rows go through the LM `lm_batch` at a time
     (precision: the first job's setting). Calls `on_job_end`
     as each job finishes (to save it: a killed run keeps what finished) and `on_progress` after every shared
     step. Returns the results and timing figures (seconds training, evaluating dev and test; examples).
-    test=False: no test P@1 (nan), for choosing a recipe on dev alone."""
+    test=False: no test P@1 (nan), for choosing a recipe on dev alone.
+
+    checkpoint_dir: the pool's state is saved there (PoolCheckpoint) when it starts and after an evaluation at
+    most every `checkpoint_every_s` (default CHECKPOINT_EVERY_S), `on_checkpoint` called just before each save
+    (to count the time spent so far); a finished pool removes it. When it holds a checkpoint, `jobs` must be
+    the jobs it had pending (`PoolCheckpoint.pending`, in that order) and the pool continues from there: every
+    figure is then the one the pool would have given without the interruption, the returned results hold the
+    jobs finished after it, the timing counts the work before it too. Without a progress bar, one line
+    every `log_every_s` (default HEARTBEAT_S) says how far it is."""
     from tqdm import tqdm
 
     if pool < 1 or lm_batch < 1:
         raise ValueError(f"pool and lm_batch must be >= 1, got {pool} and {lm_batch}")
+    checkpoint_every_s = CHECKPOINT_EVERY_S if checkpoint_every_s is None else checkpoint_every_s
+    heartbeat = Heartbeat(HEARTBEAT_S if log_every_s is None else log_every_s)
     accelerator = make_accelerator(jobs[0].config.precision if jobs else "auto")
     device = accelerator.device
     lm.model.to(device)
@@ -187,15 +337,60 @@ def train_shared(
     # train_cpu_s: this process's CPU time in training steps (steadier than wall time on a shared machine)
     timing = {"train_s": 0.0, "train_cpu_s": 0.0, "dev_eval_s": 0.0, "test_eval_s": 0.0, "train_examples": 0,
               "shared_steps": 0}
+    settings = {"pool": pool, "lm_batch": lm_batch, "eval_batch_size": eval_batch_size, "test": test}
+    store = PoolCheckpoint(checkpoint_dir) if checkpoint_dir is not None and jobs else None
+    finished_before, steps_before, elapsed_before = 0, 0, 0.0
 
     def admit():
         while queue and len(active) < pool:
             active.append(_Job(queue.pop(0), lm, device))
 
-    admit()
-    bar = tqdm(total=sum(j.total_steps for j in active) + sum(map(_planned_steps, queue)), unit="step",
-               desc="P-tuning", disable=not show_progress, mininterval=2.0, dynamic_ncols=True)
+    if store is not None and store.read() is not None:
+        meta, tensors = store.load()
+        given = [_job_record(job) for job in jobs]
+        if given != meta["jobs"] or meta["settings"] != settings:
+            raise ValueError(f"the pool checkpoint in {store.directory} holds other jobs or settings than this call's "
+                             "(pass PoolCheckpoint.pending's jobs, or clear it to start afresh)")
+        by_key = {job.key: job for job in jobs}
+        for i, key in enumerate(meta["active"]):
+            restored = _Job(by_key[key], lm, device)
+            restored.restore(meta["job_state"][key], tensors, f"job{i}.")
+            active.append(restored)
+        queue = [by_key[key] for key in meta["queue"]]
+        timing.update(meta["timing"])
+        finished_before, steps_before, elapsed_before = meta["finished"], meta["progress_steps"], meta["elapsed_s"]
+        _restore_rng(meta["rng"], tensors)
+        log.info("P-tuning: resuming the pool checkpointed at shared step %d (%d prompts active, %d queued, %d done "
+                 "before)", meta["shared_step"], len(active), len(queue), finished_before)
+    else:
+        admit()
+    # prompt steps done and planned (a shared step is one per active job), counted here: a disabled bar counts none
+    n_steps = steps_before
+    total = n_steps + sum(j.total_steps - j.step for j in active) + sum(map(_planned_steps, queue))
+    bar = tqdm(total=total, initial=n_steps, unit="step", desc="P-tuning", disable=not show_progress, mininterval=2.0,
+               dynamic_ncols=True)
     started = time.time()
+
+    def save_checkpoint():
+        if on_checkpoint is not None:
+            on_checkpoint()  # first: the time counted then covers at least the checkpoint's
+        order = [*active, *queue]
+        meta = {"format": 1, "settings": settings, "shared_step": timing["shared_steps"],
+                "jobs": [_job_record(j if isinstance(j, Job) else j.job) for j in order],
+                "active": [j.key for j in active], "queue": [j.key for j in queue],
+                "finished": finished_before + len(results), "progress_steps": n_steps,
+                "elapsed_s": elapsed_before + time.time() - started,
+                "timing": {**timing, "seconds": elapsed_before + time.time() - started}, "job_state": {}}
+        tensors = {}
+        for i, job in enumerate(active):
+            meta["job_state"][job.key], job_tensors = job.snapshot(f"job{i}.")
+            tensors.update(job_tensors)
+        meta["rng"] = _rng_state(tensors)
+        store.save(meta, tensors)
+
+    last_checkpoint = time.monotonic()
+    if store is not None and store.read() is None and active:
+        save_checkpoint()  # the pool's jobs and starting state: a kill at any later moment resumes this pool
     while active:
         t0, cpu0 = time.time(), time.process_time()
         rows = [(job, fact) for job in active for fact in job.next_batch()]
@@ -213,6 +408,7 @@ def train_shared(
         timing["train_cpu_s"] += time.process_time() - cpu0
         timing["train_examples"] += len(rows)
         timing["shared_steps"] += 1
+        n_steps += len(active)
         bar.update(len(active))
 
         t0 = time.time()
@@ -225,22 +421,49 @@ def train_shared(
             result = _finish(job, model, lm, candidates, pad, eval_batch_size, accelerator, test)
             timing["test_eval_s"] += time.time() - t0
             results.append(result)
-            bar.update(job.total_steps - job.step)  # steps it will not take: the ETA counts only what is left
+            n_steps += job.total_steps - job.step  # steps it will not take: the ETA counts only what is left
+            bar.update(job.total_steps - job.step)
             if on_job_end is not None:
                 on_job_end(result)
         admit()
         if not queue:
-            bar.total = bar.n + sum(j.total_steps - j.step for j in active)
-        done, remaining = len(results), len(active) + len(queue)
+            total = bar.total = n_steps + sum(j.total_steps - j.step for j in active)
+        done, remaining = finished_before + len(results), len(active) + len(queue)
         bar.set_postfix_str(f"prompts done {done}/{done + remaining}", refresh=False)
+        rate = (n_steps - steps_before) / max(time.time() - started, 1e-9)
+        eta = (total - n_steps) / rate if rate else None
         if on_progress is not None:
-            rate = bar.n / max(time.time() - started, 1e-9)
-            on_progress({"steps": bar.n, "total_steps": bar.total, "done": done, "remaining": remaining,
-                         "eta_s": (bar.total - bar.n) / rate if rate else None})
+            on_progress({"steps": n_steps, "total_steps": total, "done": done, "remaining": remaining, "eta_s": eta})
+        if not show_progress:
+            heartbeat("P-tuning: shared step %d, prompt steps %d/%d, prompts done %d/%d, about %.1f min left",
+                      timing["shared_steps"], n_steps, total, done, done + remaining, (eta or 0.0) / 60)
+        if store is not None and due and active and time.monotonic() - last_checkpoint >= checkpoint_every_s:
+            save_checkpoint()
+            last_checkpoint = time.monotonic()
     bar.close()
-    timing["seconds"] = time.time() - started
+    if store is not None:
+        store.clear()
+    timing["seconds"] = elapsed_before + time.time() - started
     timing["examples_per_s"] = timing["train_examples"] / max(timing["train_s"], 1e-9)
     return results, timing
+
+
+def _rng_state(tensors: dict[str, torch.Tensor]) -> dict:
+    """Python's RNG state (returned, JSON) and torch's CPU and CUDA states (added to `tensors`)."""
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    version, state, gauss = random.getstate()
+    return {"python": [version, list(state), gauss], "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+
+def _restore_rng(saved: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = saved["python"]
+    random.setstate((version, tuple(state), gauss))
+    torch.set_rng_state(tensors["rng.torch"])
+    if saved["cuda_devices"]:
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(saved["cuda_devices"])])
 
 
 def _planned_steps(job: Job) -> int:
