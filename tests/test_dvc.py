@@ -74,7 +74,7 @@ def test_train_stage_metrics_plots_and_param_change(dvc_repo):
     metrics_file = repo / "outputs" / "dvc" / "lama" / "metrics.json"
     curve = repo / "outputs" / "dvc" / "lama" / "learning_curve.csv"
     assert metrics_file.exists() and curve.exists()
-    assert not list((repo / "outputs" / "dvc" / "lama" / "run").rglob("last.pt")), "the resume checkpoint is dropped"
+    assert not list((repo / "outputs" / "dvc" / "lama" / "run").rglob("last.safetensors")), "the resume checkpoint is dropped"
     assert (repo / "outputs" / "dvc" / "lama" / "run" / "prompt").is_dir()
     lines = curve.read_text().splitlines()
     assert lines[0].split(",")[:3] == ["step", "epoch", "task"] and "dev_score" in lines[0]

@@ -190,7 +190,16 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     report = (out / "REPORT.md").read_text()
     assert results["command"] in report and "| **P-tuning (ours)** |" in report
     assert "P-tuning, albert-xxlarge-v2 (paper) | 76.5 | 92.9 / 92.3 | 36.1 / 75.0 |" in report
-    assert "first 8 val examples" in report
+    assert "first val examples of RTE (8), CB (8), MultiRC (8 answers, whole questions)" in report
+    # each method's recipe, the minutes of one run, and the sampling noise of every val score beside the table
+    assert "Each method's recipe" in report and "| minutes per run |" in report
+    noise = results["val_standard_error"]
+    for task, entry in results["methods"]["ptuning"]["tasks"].items():
+        p = sum(m["tasks"][task]["val"]["score"] for m in results["methods"].values()) / 4
+        assert noise["tasks"][task] == pytest.approx((p * (1 - p) / entry["n_val"]) ** 0.5)
+    [row] = [line for line in report.splitlines() if line.startswith("| ± 1 val standard error")]
+    assert row.endswith(f" | ± {100 * noise['macro']:.1f} |")
+    assert "| MP zero-shot, gpt2-base (paper) | 49.5 | 44.6 / 33.3 | 2.2 / 23.8 | – |" in report
     # the no-LM floor, on the val examples the table is scored on: MultiRC's "0" label gets no F1a, and its EM
     # counts the questions whose options are all false
     majority = results["majority"]["tasks"]

@@ -68,11 +68,16 @@ class Report:
         return report
 
     def config(self, settings: dict, method: str, seed: int, root: Path, task: str | None = None):
-        trains = METHODS[method].trains  # a method that trains nothing takes the budget's evaluation keys only
-        budget = {k: v for k, v in (settings["budget"][self.budget] or {}).items() if trains or not k.startswith("train.")}
         overrides = {"model": self.model, "setting": self.setting, "method": method, "train.seed": seed,
-                     "task": task or ",".join(self.tasks), **budget, **dict(self.params)}
+                     "task": task or ",".join(self.tasks), **recipe(settings, self.budget, method), **dict(self.params)}
         return resolve("superglue", overrides, root)
+
+
+def recipe(settings: dict, budget: str, method: str) -> dict:
+    """A method's settings over params/superglue.yaml: the device's budget, then the method's own (chosen on dev32:
+    reports/superglue/<model>-fewshot/SWEEP.md). A method that trains nothing takes their evaluation keys only."""
+    found = {**(settings["budget"][budget] or {}), **((settings.get("overrides") or {}).get(budget, {}).get(method) or {})}
+    return {k: v for k, v in found.items() if METHODS[method].trains or not k.startswith("train.")}
 
 
 def run_report(report: Report, settings: dict, root: Path, show_progress: bool = True,
@@ -116,6 +121,7 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
     bar.close()
     results = _aggregate(report, settings, store, keys, root)
     results["provenance"] = provenance(keys)
+    results["val_standard_error"] = val_noise(report, results)
     results["wall_s_this_invocation"] = time.time() - started
     write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
     store.write_metrics(results, "macro_val_score")  # metrics.json: the macro figures, the stage's DVC metrics
@@ -147,7 +153,7 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, roo
                            "val_score_by_seed": {str(u["seed"]): u["val"]["score"] for u in found},
                            "steps": mean_std([u["steps"] for u in found])[0], "n_val": found[0]["n_val"],
                            "selected_on": found[0]["selected_on"],
-                           "n_train": found[0]["n_train"], "seconds": sum(u["seconds"] for u in found),
+                           "n_train": found[0]["n_train"], "seconds_per_run": sum(u["seconds"] for u in found) / len(found),
                            "dev_curve": [(h["step"], sum(h[f"dev.{m}"] for m in metrics) / len(metrics))
                                          for h in found[0]["history"]]}
         entry = {"n_tasks": len(tasks), "seeds": [s for s in seeds if s is not None], "tasks": tasks,
@@ -162,6 +168,7 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, roo
     return {"benchmark": "superglue", "model": report.model, "setting": report.setting, "command": report.command,
             "device": device_kind(), "budget": report.budget,
             "budget_overrides": settings["budget"][report.budget] or {}, "seeds": list(report.seeds),
+            "recipes": {m: recipe(settings, report.budget, m) for m in report.methods},
             "max_eval_examples": evaluated.params.get("max_eval_examples"),
             "tasks": list(report.tasks), "wall_s": sum(t.get("seconds", 0.0) for t in timings.values()),
             "methods": methods, "majority": majority_class(report.tasks, evaluated.params)}
@@ -215,6 +222,19 @@ def _figures(report: Report, results: dict) -> None:
                      errors={report.model: [100 * (methods[m]["macro_val_score_std"] or 0.0) for m in done]})
 
 
+def val_noise(report: Report, results: dict) -> dict:
+    """One binomial standard error of each task's val score, sqrt(p(1-p)/n) at the mean score p of the methods
+    that have the task, and of the macro score (tasks' errors combined, over the number of tasks)."""
+    tasks = {}
+    for task in report.tasks:
+        entries = [m["tasks"][task] for m in results["methods"].values() if task in m["tasks"]]
+        if entries:
+            p = sum(e["val"]["score"] for e in entries) / len(entries)
+            tasks[task] = (p * (1 - p) / entries[0]["n_val"]) ** 0.5
+    macro = (sum(v * v for v in tasks.values()) ** 0.5 / len(tasks)) if len(tasks) == len(report.tasks) else None
+    return {"tasks": tasks, "macro": macro}
+
+
 def _cell(entry: dict | None, metrics: tuple[str, ...]) -> str:
     """`acc ± std` (or `a ± s / b ± s` for a task of two metrics), in %."""
     if not entry:
@@ -235,6 +255,8 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
              + (f" (params/report.yaml `superglue.budget.cpu` over params/superglue.yaml: "
                 f"`{json.dumps(results['budget_overrides'])}`; the paper's step counts need a GPU)"
                 if report.budget == "cpu" else " (the paper's step counts, params/superglue.yaml)")
+             + ". Each method's recipe (params/report.yaml `superglue.overrides` over the budget; chosen on dev32, "
+             "SWEEP.md): " + "; ".join(f"{METHOD_NAMES[m]} `{json.dumps(results['recipes'][m])}`" for m in report.methods)
              + ". Wall time of the runs that computed this folder's units (every invocation and seed, current "
              f"settings): {results['wall_s'] / 60:.1f} min. Seeds {', '.join(map(str, report.seeds))} "
              "(the zero-shot prompt trains nothing: one run). Trained runs keep the state best on "
@@ -251,14 +273,26 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
     lines.append(f"| most frequent training label (no LM{'; train32 only: ' + ', '.join(few) if few else ''}) | "
                  + " | ".join(_cell(majority["tasks"].get(s.name), s.metrics) for s in specs)
                  + f" | {pct(majority['macro_val_score'])}{subset_label(len(specs), len(TASKS), 'tasks')} |")
-    for name, row in (settings["paper_table5"] if report.setting == "fewshot" else {}).items():
+    noise = results["val_standard_error"]
+    lines.append("| ± 1 val standard error (sampling; at the methods' mean score) | "
+                 + " | ".join(f"± {100 * noise['tasks'][s.name]:.1f}" if s.name in noise["tasks"] else "–" for s in specs)
+                 + (f" | ± {100 * noise['macro']:.1f} |" if noise["macro"] is not None else " | – |"))
+    paper_rows = {**(settings["paper_table5"] if report.setting == "fewshot" else {}), **settings["paper_table3_zeroshot"]}
+    for name, row in paper_rows.items():
         cells = [" / ".join(str(v) for v in (row[s.name] if isinstance(row.get(s.name), list) else [row.get(s.name, "–")]))
                  for s in specs]
         lines.append(f"| {name} (paper) | " + " | ".join(cells) + " | – |")
-    if results["max_eval_examples"]:
-        lines += ["", f"Val figures are on the first {results['max_eval_examples']} val examples of each task (MultiRC: "
-                      "whole questions), not the whole val set (`max_eval_examples`)."]
-    lines += ["", "## Per task", "", f"| task | method | val score | {' / '.join(selected) or 'selection'} score | steps | n train | n val | minutes |",
+    limit = results["max_eval_examples"]
+    if limit:
+        limited = {t: n for t, n in (limit.items() if isinstance(limit, dict) else ((t, limit) for t in report.tasks)) if n}
+        lines += ["", "Val figures are on the first val examples of " + ", ".join(
+            f"{TASKS[t].folder} ({n}{' answers, whole questions' if t == 'multirc' else ''})" for t, n in limited.items())
+            + "; every other task on its whole val set (`max_eval_examples`)."]
+    lines += ["", "The standard error row is the sampling noise of a val score alone, sqrt(p(1-p)/n) at the methods' "
+                  "mean score p over the n val examples (MultiRC: answers), and for the macro score the root of their "
+                  "summed squares over the number of tasks: two cells closer than about two of them are not told "
+                  "apart by this val set. The ± beside a figure is the spread over seeds."]
+    lines += ["", "## Per task", "", f"| task | method | val score | {' / '.join(selected) or 'selection'} score | steps | n train | n val | minutes per run |",
               "|---|---|---|---|---|---|---|---|"]
     for spec in specs:
         for method in report.methods:
@@ -266,6 +300,6 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
             if entry:
                 lines.append(f"| {spec.folder} | {METHOD_NAMES[method]} | {100 * entry['val']['score']:.1f} | "
                              f"{100 * entry['dev_score']:.1f} | {entry['steps']:.0f} | {entry['n_train']} | "
-                             f"{entry['n_val']} | {entry['seconds'] / 60:.1f} |")
+                             f"{entry['n_val']} | {entry['seconds_per_run'] / 60:.1f} |")
     lines += ["", *section(report.output_dir, FIGURES)]
     return "\n".join(lines)
