@@ -89,8 +89,6 @@ def main() -> None:
 
 
 def forward(args) -> None:
-    import torch
-
     from components.benchmarks.superglue.inputs import Inputs
     from components.benchmarks.superglue.methods import METHODS
     from components.benchmarks.superglue.run import load_splits

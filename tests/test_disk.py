@@ -4,9 +4,7 @@ Proved on a real, tiny tmpfs (mounting needs root: skipped, saying so, where it 
 import json
 import re
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 
 from components.training import TrainConfig, fit
 from components.training.storage import DiskFull, atomic_write, load_checkpoint, save_checkpoint
-from test_resume import ENV, command, make_lama
+from test_resume import ENV, command, kill_once_written, make_lama
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
 
@@ -94,14 +92,7 @@ def test_the_cli_on_a_full_disk_exits_4_with_one_line_and_the_checkpoint_intact(
     out = tmpfs("16m") / "run"
     cmd = command(data, out, 150)
     checkpoint = out / "checkpoint" / "last.safetensors"
-    victim = subprocess.Popen(cmd, cwd=repo_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 240
-    while not checkpoint.exists():
-        assert victim.poll() is None, victim.stderr.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
+    kill_once_written(cmd, repo_dir, checkpoint, tmp_path / "killed.log", "checkpoint")
     saved = checkpoint.read_bytes()
     assert load_checkpoint(checkpoint)["state"]["step"] < 150
     _fill(out.parent, leave=64 * 1024)

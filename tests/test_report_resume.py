@@ -8,15 +8,13 @@ and been saved while others still train: the run again must continue the pool as
 train the prompts left in a pool of their own. Each unit records the sha256 of its prompt, so "the same figures"
 covers every bit of the prompts too, not only P@1 on a few facts."""
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from test_resume import ENV, make_lama
+from test_resume import ENV, kill_once_written, make_lama
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
 
@@ -76,16 +74,7 @@ def test_a_killed_report_resumes_its_pool_to_the_same_figures_and_counts_the_kil
 
     out = tmp_path / "killed"
     first = out / "units" / "ptuning" / "P19-s34.json"
-    with (tmp_path / "killed.log").open("w") as stderr:
-        victim = subprocess.Popen(_command(data, out), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr, env=ENV)
-        deadline = time.time() + 300
-        while not first.exists():
-            assert victim.poll() is None, f"the run ended before its first unit: {(tmp_path / 'killed.log').read_text()[-2000:]}"
-            assert time.time() < deadline, "no unit appeared"
-            time.sleep(0.005)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=30)
-    assert victim.returncode == -signal.SIGKILL
+    kill_once_written(_command(data, out), tmp_path, first, tmp_path / "killed.log", "unit", timeout=300)
     saved = sorted(p.stem for p in (out / "units" / "ptuning").glob("*.json"))
     assert "P19-s34" in saved and len(saved) < len(UNITS), f"killed too late: {saved}"
     pool = out / ".scratch" / "ptuning" / "pool" / "pool.json"

@@ -57,6 +57,20 @@ def command(data: Path, output_dir: Path, steps: int = STEPS, *extra: str) -> li
             "--log-every", "1", *extra]
 
 
+def kill_once_written(cmd: list[str], cwd: Path, path: Path, log: Path, what: str, timeout: float = 240) -> None:
+    """Start `cmd` (stderr into `log`) and SIGKILL it the moment `path` exists."""
+    with log.open("w") as stderr:
+        victim = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr, env=ENV)
+        deadline = time.time() + timeout
+        while not path.exists():
+            assert victim.poll() is None, f"the run ended before its first {what}: {log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"no {what} appeared"
+            time.sleep(0.005)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+
+
 def run_to_end(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -90,16 +104,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(uninterrupt
     root, data = uninterrupted
     out = root / "killed"
     checkpoint = out / "checkpoint" / "last.safetensors"
-    victim = subprocess.Popen(command(data, out), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=ENV)
-    deadline = time.time() + 240
-    while not checkpoint.exists():
-        assert victim.poll() is None, f"the run ended before its first checkpoint: {victim.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
-    assert victim.returncode == -signal.SIGKILL
+    kill_once_written(command(data, out), root, checkpoint, root / "killed.log", "checkpoint")
     killed_at = load_checkpoint(checkpoint)["state"]["step"]
     assert 0 < killed_at < STEPS, f"killed at step {killed_at}: there must be steps left to run"
     assert not (out / "metrics.json").exists()

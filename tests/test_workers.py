@@ -8,7 +8,6 @@ import re
 import shlex
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
