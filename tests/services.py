@@ -44,8 +44,8 @@ def free_port() -> int:
 
 
 def service_env(**extra: str) -> dict:
-    """os.environ without MLFLOW_TRACKING_URI / PREFECT_API_URL, quiet, the venv's bin first on PATH, and `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    """os.environ without MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI (which mlflow.set_registry_uri exports) / PREFECT_API_URL, quiet, the venv's bin first on PATH, and `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL")}
     return {**env, **QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
 
 

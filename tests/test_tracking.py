@@ -72,8 +72,10 @@ def test_predict_from_a_registry_that_does_not_answer_is_one_line(tmp_path, uri)
     """`ptuning predict --model models:/...` against a registry that does not answer: one line, exit 2, nothing
     written (MLflow's client retried an unreachable server for minutes, a database for 108 s with 217 lines)."""
     (tmp_path / "in.jsonl").write_text('{"sub": "Dante"}\n')
+    # the registry is the tracking store; an in-process test's mlflow.set_registry_uri() exports MLFLOW_REGISTRY_URI
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_REGISTRY_URI"}, "MLFLOW_TRACKING_URI": uri}
     done = subprocess.run([sys.executable, "-m", "components.cli", "predict", "--model", "models:/ptuning-x@champion",
-                           "--input", "in.jsonl"], env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=tmp_path,
+                           "--input", "in.jsonl"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and uri in lines[0], done.stderr[-3000:]
