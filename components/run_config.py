@@ -46,7 +46,7 @@ class RunConfig:
     def fingerprint(self) -> dict:
         """What a result depends on: parameters, library code, data. Equal fingerprints, equal results."""
         return {"benchmark": self.benchmark, "params": _portable(self.params, self.root),
-                "code_version": code_version(self.benchmark), "data_version": data_version(self.params.get("data_dir"))}
+                "code_version": code_version(self.benchmark), "data_version": prepared_data_hash(self.params.get("data_dir"))}
 
     def fingerprint_hash(self) -> str:
         return stable_hash(self.fingerprint(), 16)
@@ -127,17 +127,38 @@ def code_modules(benchmark: str) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
+def code_statements(source: str) -> list[str]:
+    """A module's code as it runs: its top-level statements' syntax trees, without docstrings, comments,
+    formatting or import statements (they say where code sits, not what it does). Sorted, so a definition moved
+    to another module, or a module renamed, leaves them as they were. (`ast.dump`'s form may change with the
+    Python version: a Python upgrade recomputes results once.)"""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        for block in ("body", "orelse", "finalbody"):
+            if isinstance(getattr(node, block, None), list):
+                setattr(node, block, [s for s in getattr(node, block) if not isinstance(s, (ast.Import, ast.ImportFrom))])
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            del body[0]
+    return sorted(ast.dump(statement) for statement in tree.body)
+
+
+def source_version(*paths: Path) -> str:
+    """A hash of the `code_statements` of these files, pooled."""
+    statements = sorted(s for path in paths for s in code_statements(path.read_text()))
+    return hashlib.sha256("\n".join(statements).encode()).hexdigest()[:12]
+
+
 @lru_cache(maxsize=None)
 def code_version(benchmark: str) -> str:
-    """A hash of `code_modules`: a result computed by other code is never reused. Derived from the imports
-    themselves, so no hand-kept list can fall behind."""
-    digest = hashlib.sha256()
-    for name in code_modules(benchmark):
-        digest.update(name.encode() + b"\0" + _module_file(name).read_bytes())
-    return digest.hexdigest()[:12]
+    """The `source_version` of `code_modules`: a result computed by other code is never reused, and one whose
+    code only moved, or gained a comment, is. Derived from the imports themselves, so no hand-kept list can
+    fall behind."""
+    return source_version(*(_module_file(name) for name in code_modules(benchmark)))
 
 
-def data_version(data_dir: str | Path | None) -> str | None:
+def prepared_data_hash(data_dir: str | Path | None) -> str | None:
     """A hash of every file under the benchmark's prepared data (names and contents); None without one."""
     if not data_dir or not Path(data_dir).is_dir():
         return None

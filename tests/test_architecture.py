@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import components
-from components.run_config import code_modules, code_version
+from components.run_config import code_modules, code_version, source_version
 
 PACKAGE = Path(components.__file__).parent
 # prefix -> layer (the longest prefix wins); a module may import its own layer and the ones below
@@ -61,3 +61,16 @@ def test_code_version_follows_the_imports():
         assert needed in lama, needed
     assert not any(m.startswith(("components.mlops", "components.cli")) for m in lama)  # tracking changes no result
     assert code_version("lama") != code_version("superglue")
+
+
+def test_code_version_follows_what_the_code_does_not_where_it_sits(tmp_path):
+    """Comments, docstrings, imports, formatting and a definition moved to another module keep the code version
+    (the committed tables stay current); a changed statement changes it."""
+    (tmp_path / "one.py").write_text('"""Module."""\nimport os\n\n\ndef f(x):\n    """Doc."""\n    return x + 1  # why\n\n\n'
+                                     'def g():\n    from os import path\n    return 2\n')
+    (tmp_path / "moved.py").write_text("from a import b\n\ndef g():\n    return 2\n")
+    (tmp_path / "rest.py").write_text("def f(x): return x + 1\n")
+    (tmp_path / "changed.py").write_text("def f(x): return x + 2\n")
+    same = source_version(tmp_path / "one.py")
+    assert source_version(tmp_path / "rest.py", tmp_path / "moved.py") == same
+    assert source_version(tmp_path / "changed.py", tmp_path / "moved.py") != same

@@ -21,6 +21,7 @@ Tolerances
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -69,9 +70,12 @@ def _task(lm, n_items: int = 32):
     def loss_fn(model, batch):
         return nn.functional.cross_entropy(model(**batch)[:, 0].float(), batch["labels"])
 
+    evaluations = itertools.count()
+
     def evaluate(model):
         batch = batch_of(items)
-        return {"neg_loss": -loss_fn(model, batch).item()}
+        # "evaluation" rises with every call: selecting on it keeps the last state, whatever the loss did
+        return {"neg_loss": -loss_fn(model, batch).item(), "evaluation": float(next(evaluations))}
 
     lengths = [len(i["encoded"].input_ids) for i in items]
     return template, items, lengths, batch_of, loss_fn, evaluate
@@ -115,9 +119,10 @@ def _train(name: str, precision: str, freeze: bool = True, grad_accum: int = 1, 
     config = TrainConfig(lr=lr, lm_lr=1e-3, batch_size=8, grad_accum=grad_accum, epochs=1, max_steps=steps,
                          precision=precision, seed=3, max_grad_norm=1.0, length_bucketing=True)
     result = fit(model, items[:8 * steps], lengths[:8 * steps], batch_of, loss_fn, evaluate, config,
-                 select=("neg_loss",), callbacks=[losses])
+                 select=("evaluation",), callbacks=[losses])
     probe.handle.remove()
-    assert result.steps == steps and len(result.history) == 1  # one evaluation, at the last step: no rollback
+    # evaluated at the start and at the last step, whose state is kept (select="evaluation"): no rollback
+    assert result.steps == steps and [h["step"] for h in result.history] == [0, steps] and result.best_step == steps
     with torch.no_grad():
         moved = encoder().float() - start_vectors.float()  # what training did to the prompt vectors h
     return model, losses.losses, -result.best_metrics["neg_loss"], probe.seen, moved
@@ -195,7 +200,7 @@ def test_frozen_lm_keeps_no_gradients(precision, encoder_kind):
         return loss_fn(batch_model, batch)
 
     fit(model, items, lengths, batch_of, watch, evaluate,
-        TrainConfig(lr=1e-2, batch_size=8, epochs=1, max_steps=3, precision=precision, seed=3), select=("neg_loss",))
+        TrainConfig(lr=1e-2, batch_size=8, epochs=1, max_steps=3, precision=precision, seed=3), select=("evaluation",))
 
     assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())

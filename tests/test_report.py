@@ -48,7 +48,7 @@ def test_report_writes_results_markdown_and_figures_and_resumes(small_lama, tmp_
         assert entry["macro_test_p1"] == pytest.approx(mean)
     ptuning = results["methods"]["ptuning"]
     assert ptuning["seeds"] == [34, 35] and set(ptuning["relations"]["P36"]["test_p1_by_seed"]) == {"34", "35"}
-    assert ptuning["relations"]["P36"]["steps"] == 4 and [s for s, _ in ptuning["relations"]["P36"]["dev_curve"]] == [2, 4]
+    assert ptuning["relations"]["P36"]["steps"] == 4 and [s for s, _ in ptuning["relations"]["P36"]["dev_curve"]] == [0, 2, 4]
     assert ptuning["timing"]["train_examples"] == 2 * 2 * 4 * 8 and results["wall_s"] > 0
     report = (out / "REPORT.md").read_text()
     assert results["command"] in report and "ptuning report lama --model tiny-gpt2" in results["command"]
@@ -186,7 +186,7 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
         cb = entry["tasks"]["cb"]["val"]
         assert cb["score"] == pytest.approx((cb["acc"] + cb["f1_macro"]) / 2)
     assert results["methods"]["ptuning"]["tasks"]["rte"]["steps"] == 2
-    assert [s for s, _ in results["methods"]["ptuning"]["tasks"]["rte"]["dev_curve"]] == [1, 2]
+    assert [s for s, _ in results["methods"]["ptuning"]["tasks"]["rte"]["dev_curve"]] == [0, 1, 2]
     report = (out / "REPORT.md").read_text()
     assert results["command"] in report and "| **P-tuning (ours)** |" in report
     assert "P-tuning, albert-xxlarge-v2 (paper) | 76.5 | 92.9 / 92.3 | 36.1 / 75.0 |" in report

@@ -148,9 +148,9 @@ def test_a_trial_with_bad_reported_values_is_pruned_through_fit(tmp_path):
     run_search(study, run_trial, n_trials=3)
     good, bad = study.trials[:2], study.trials[2]
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
-    assert all(sorted(t.intermediate_values) == [3, 6, 9, 12] for t in good)  # evaluations every 3 steps
+    assert all(sorted(t.intermediate_values) == [0, 3, 6, 9, 12] for t in good)  # the start, then every 3 steps
     assert bad.params["train.lr"] == 1e-9
-    assert list(bad.intermediate_values) == [3]  # training stopped at its first evaluation
+    assert list(bad.intermediate_values) == [0, 3]  # training stopped at its first evaluation after the start
     assert bad.intermediate_values[3] < min(t.intermediate_values[3] for t in good)
     assert summary(study)["pruned"] == 1 and summary(study)["best_params"]["train.lr"] == 0.1
 

@@ -18,7 +18,7 @@ from components.method.model import PromptEncoder, export_prompt
 from components.method.templates import lama_template
 from components.mlops.serving import NotServable
 from components.mlops.tracking import (CHALLENGER, CHAMPION, DEFAULT_URI, EXPERIMENT_KIND, Tracker, TrackingUnreachable,
-                                       check_reachable, data_version, registered_name, tracking_uri)
+                                       check_reachable, dvc_lock_tags, registered_name, tracking_uri)
 from components.run_config import resolve
 
 CITIES = ("Paris London Berlin Rome Madrid Tokyo Vienna Moscow Prague Dublin Athens Lisbon Warsaw Cairo Delhi "
@@ -104,18 +104,18 @@ stages:
 """
 
 
-def test_data_version_is_read_from_dvc_lock(tmp_path):
+def test_dvc_lock_tags_are_read_from_dvc_lock(tmp_path):
     (tmp_path / "dvc.lock").write_text(DVC_LOCK)
-    tags = data_version(tmp_path / "dvc.lock")
+    tags = dvc_lock_tags(tmp_path / "dvc.lock")
     assert tags["dvc.prepare_lama.outs.data/lama"] == "fedcba9876543210fedcba9876543210.dir"
     assert tags["dvc.prepare_lama.deps.data/raw"] == "0123456789abcdef0123456789abcdef.dir"
-    lama_only = data_version(tmp_path / "dvc.lock", stages=["prepare_lama"])
+    lama_only = dvc_lock_tags(tmp_path / "dvc.lock", stages=["prepare_lama"])
     assert "dvc.prepare_fewglue.outs.data/fewglue" not in lama_only
     assert lama_only["data_version"] != tags["data_version"]  # a stage's data changes its version only
     (tmp_path / "dvc.lock").write_text(DVC_LOCK.replace("00000000000000000000000000000001", "2" * 32))
-    assert data_version(tmp_path / "dvc.lock", stages=["prepare_lama"])["data_version"] == lama_only["data_version"]
-    assert data_version(tmp_path / "dvc.lock")["data_version"] != tags["data_version"]
-    assert data_version(tmp_path / "absent.lock") == {}
+    assert dvc_lock_tags(tmp_path / "dvc.lock", stages=["prepare_lama"])["data_version"] == lama_only["data_version"]
+    assert dvc_lock_tags(tmp_path / "dvc.lock")["data_version"] != tags["data_version"]
+    assert dvc_lock_tags(tmp_path / "absent.lock") == {}
 
 
 def test_embedded_store_nests_runs_logs_steps_and_tags_git_and_data(tmp_path, monkeypatch):
@@ -145,7 +145,7 @@ def test_embedded_store_nests_runs_logs_steps_and_tags_git_and_data(tmp_path, mo
     tags = client.get_run(parent.info.run_id).data.tags
     assert tags["mlflow.source.git.commit"] == head
     assert tags["dvc.prepare_lama.outs.data/lama"] == "fedcba9876543210fedcba9876543210.dir"
-    assert tags["data_version"] == data_version(tmp_path / "dvc.lock")["data_version"]
+    assert tags["data_version"] == dvc_lock_tags(tmp_path / "dvc.lock")["data_version"]
     assert client.get_run(parent.info.run_id).data.params["data_version"] == tags["data_version"]
     assert "dvc.lock" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     run = client.get_run(trial.info.run_id)
@@ -273,7 +273,7 @@ def test_server_logs_a_real_run_and_registers_its_prompt(mlflow_server, tmp_path
     # the kept state's figures have keys of their own, whichever evaluation it came from
     history = json.loads((tmp_path / "out" / "history.json").read_text())["P19"]
     assert [(m.step, m.value) for m in client.get_metric_history(trial.info.run_id, "dev.p1")] == [
-        (h["step"], h["dev.p1"]) for h in history] and [h["step"] for h in history] == [3, 6]
+        (h["step"], h["dev.p1"]) for h in history] and [h["step"] for h in history] == [0, 3, 6]
     assert trial_run.data.metrics["dev.p1"] == history[-1]["dev.p1"]
     assert trial_run.data.metrics["best.dev.p1"] == metrics["dev"]["p1"] == max(h["dev.p1"] for h in history)
     assert trial_run.data.metrics["best.dev.score"] == metrics["dev"]["score"] and "dev.score" not in trial_run.data.metrics

@@ -92,7 +92,7 @@ def _entry_hash(entry: dict) -> str | None:
     return None
 
 
-def data_version(lock_path: str | Path, stages: list[str] | tuple[str, ...] | None = None) -> dict:
+def dvc_lock_tags(lock_path: str | Path, stages: list[str] | tuple[str, ...] | None = None) -> dict:
     """The data version as dvc.lock records it (the project's one reader of dvc.lock): tags
     `dvc.<stage>.outs.<path>` / `dvc.<stage>.deps.<path>` = md5, `dvc.lock_md5`, and `data_version`, one
     hash over the stage outputs (what the data is, whatever produced it). `stages`: only these (default all).
@@ -294,7 +294,7 @@ class Tracker:
         """The flow run's MLflow run: flattened params; tags git commit (`git rev-parse HEAD`) and the data
         version from dvc.lock (logged as an artifact too) when there is one. `run_id` resumes a run."""
         lock = (self.project_dir or Path.cwd()) / "dvc.lock"
-        data_tags = data_version(lock)
+        data_tags = dvc_lock_tags(lock)
         all_tags = {**self._source_tags(), **data_tags, **(tags or {})}
         with self._run(name, params, all_tags, None, resume=run_id) as run:
             if run_id:

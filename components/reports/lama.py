@@ -27,13 +27,13 @@ import torch
 from components.benchmarks import TaskPlan
 from components.benchmarks.lama import shared
 from components.benchmarks.lama.run import Candidates, relations_of, run_relation
-from components.common import remove_checkpoints, stable_hash
+from components.common import remove_checkpoints
 from components.data.sources import read_jsonl
 from components.reports.figures import clear, curves, grouped_bars, section
 from components.reports.store import (Clock, UnitKey, UnitStore, device_kind, mean_std, methods_and_seeds, overrides_line,
                                       own_option, pct, provenance, report_dir, std_line, subset_label, unique,
                                       versions_line, write_atomic)
-from components.run_config import resolve
+from components.run_config import resolve, source_version
 from components.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _run_locked(report, settings, root, store, show_progress, on_progress) -> di
         # P-tuning's results come from the shared trainer: its code counts too, and so do the batch sizes (a killed
         # pool resumes from its checkpoint with the same neighbours; a run asked for other seeds or relations than
         # the killed one starts a pool of its own, which may pair the missing prompts otherwise)
-        shared_batches = {"shared_trainer": stable_hash(Path(shared.__file__).read_text()), "pool": settings["pool"],
+        shared_batches = {"shared_trainer": source_version(Path(shared.__file__)), "pool": settings["pool"],
                           "lm_batch": settings["lm_batch"]}
         key = keys[method] = UnitKey(base, **(shared_batches if method == "ptuning" else {}))
         todo = store.missing(method, [(r, s) for s in seeds for r in relations], key)

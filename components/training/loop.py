@@ -241,7 +241,7 @@ def fit(
     device = accelerator.device
 
     state = {"step": 0, "epoch": 0, "best": None, "best_step": 0, "bad_evals": 0, "history": []}
-    best_state = _trainable_state(accelerator.unwrap_model(model))
+    best_state = None
     checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     if checkpoint is not None and checkpoint.exists():
         saved = load_checkpoint(checkpoint)
@@ -251,9 +251,13 @@ def fit(
         state, best_state = saved["state"], saved.get("best_state", saved["model"])
         torch.set_rng_state(saved["rng"])
 
+    # `model`: a callback may set the starting weights of a run that is not resumed (ptuning train --init-from)
     for cb in callbacks:
         cb.on_train_begin({"config": asdict(config), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                           "resumed_at_step": state["step"], "device": str(device), "precision": accelerator.mixed_precision})
+                           "resumed_at_step": state["step"], "device": str(device), "precision": accelerator.mixed_precision,
+                           "model": accelerator.unwrap_model(model)})
+    if best_state is None:
+        best_state = _trainable_state(accelerator.unwrap_model(model))
     started = time.time()
     stop = False  # no checkpoint is written by the evaluation that ends training
     micro = config.batch_size // config.grad_accum
@@ -286,6 +290,7 @@ def fit(
         patience_out = config.patience is not None and state["bad_evals"] >= config.patience
         # the evaluation that ends training writes none: its run ends in seconds, and a kill before then repeats only them
         due = writes["cost"] < CHEAP_WRITE_S or time.time() - writes["at"] >= writes["cost"] / WRITE_SHARE_LIMIT
+        due = due and state["step"] > 0  # the start needs no checkpoint: a rerun begins there anyway
         if checkpoint is not None and accelerator.is_main_process and due and not (ends_training or patience_out):
             write_checkpoint()
         for cb in callbacks:
@@ -293,6 +298,9 @@ def fit(
         return patience_out
 
     model.train()
+    if state["step"] == 0:
+        # the start is a candidate like any evaluated state, and the learning curve's first point
+        stop = evaluate_and_checkpoint(False)
     while state["epoch"] < epochs and not stop:
         batches = length_batches(lengths, config.batch_size, config.seed, state["epoch"], config.length_bucketing)
         done_in_epoch = state["step"] - state["epoch"] * steps_per_epoch

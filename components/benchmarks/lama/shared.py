@@ -342,8 +342,15 @@ def train_shared(
     finished_before, steps_before, elapsed_before = 0, 0, 0.0
 
     def admit():
-        while queue and len(active) < pool:
-            active.append(_Job(queue.pop(0), lm, device))
+        admitted = []
+        while queue and len(active) + len(admitted) < pool:
+            admitted.append(_Job(queue.pop(0), lm, device))
+        # each prompt's start is evaluated as `fit` does: a candidate, and its learning curve's first point
+        t0 = time.time()
+        for job, p1 in zip(admitted, _dev_p1(admitted, model, pad, device, candidates, eval_batch_size, accelerator)):
+            job.record({"dev.p1": p1})
+        timing["dev_eval_s"] += time.time() - t0
+        active.extend(admitted)
 
     if store is not None and store.read() is not None:
         meta, tensors = store.load()
