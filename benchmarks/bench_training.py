@@ -9,8 +9,8 @@ optimizer.step, zero_grad, scheduler.step), with the optimizer settings of param
 
   ours  PromptedLM(lm, PromptEncoder): continuous prompts at the template's [P] positions, the LM body over the
         sequence, the vocabulary head only at the read position ([MASK], or the token before the target);
-        loss = cross-entropy over the full vocabulary at that position (components/lama.py's loss with every
-        token a candidate: the candidate restriction LAMA uses is never more expensive).
+        loss = cross-entropy over the full vocabulary at that position (components/benchmarks/lama/run.py's `loss`
+        with every token a candidate: the candidate restriction LAMA uses is never more expensive).
   peft  peft.get_peft_model(lm, PromptEncoderConfig(...)): the same number of virtual tokens, prepended as a
         prefix; the standard forward with `labels` (-100 everywhere but the target), which computes the
         full-vocabulary logits at every position: its real cost. Causal LMs: task_type CAUSAL_LM. Masked LMs:

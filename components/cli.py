@@ -4,7 +4,8 @@
     ptuning models prepare NAME            fetch/convert a catalogue model into the local cache
     ptuning train lama|superglue ...       train and evaluate one configuration, print its metrics as JSON
     ptuning report lama|superglue --model M ...   run a paper table and write reports/<benchmark>/<model>[-<setting>]/
-    ptuning predict --model URI|DIR --input F.jsonl   answer inputs with a registered prompt, one JSON line each
+    ptuning predict --model URI|DIR --input F.jsonl   answer inputs with a registered prompt or bank, one JSON line each
+    ptuning bank register --report DIR     register a report's prompts as one bank (one LM serves them all)
 
 Exit codes: 0 done, 2 bad input or a store that does not answer (a one-line message, nothing written), 3 the
 output directory is busy, 4 the disk is full.
@@ -16,6 +17,7 @@ import json
 import logging
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from components.benchmarks import REGISTRY, get_benchmark
@@ -42,8 +44,18 @@ def _train(args) -> dict:
     overrides.update(spec.cli_overrides(args))
     overrides.update(parse_pairs(args.set))
     config = resolve(args.benchmark, overrides)
+    callbacks = [LogProgress(every=args.log_every)]
+    if args.init_from:
+        from components.mlops.init_from import StartFromPrompt, check_source, resolve_source
+
+        if len(config.tasks) != 1:
+            raise ValueError(f"--init-from starts one prompt: give one --task, not {len(config.tasks)}")
+        _check_model_store(args.init_from)
+        source, directory = resolve_source(args.init_from)
+        callbacks.append(StartFromPrompt(directory, check_source(directory, args.benchmark, config.params)))
+        config = replace(config, init_from=source)
     output_dir = check_writable(args.output_dir or config.root / default_output_dir(config))
-    metrics, reused = execute(config, output_dir, [LogProgress(every=args.log_every)], restart=args.restart)
+    metrics, reused = execute(config, output_dir, callbacks, restart=args.restart)
     if reused:
         logging.getLogger("components").info("%s holds the finished run of these settings: read back", output_dir)
     return metrics
@@ -90,7 +102,7 @@ def _check_model_store(model: str) -> None:
     import mlflow
 
     from components.common import redact_url
-    from components.mlops.tracking import check_reachable
+    from components.mlops.stores import check_reachable
 
     if Path(model).expanduser().is_dir() or not model.startswith(("models:/", "runs:/")):
         return
@@ -116,17 +128,40 @@ def _predict(args) -> dict:
         raise FileNotFoundError(f"--input {args.input}: no such file")
     _check_model_store(args.model)
     try:
-        fields, predict = load(args.model)
+        fields, required, predict = load(args.model)
     except MlflowException as error:
         raise ValueError(f"cannot load --model {args.model}: {error.message.splitlines()[0]}") from None
-    rows = read_jsonl(args.input, required=fields)
-    lines = [json.dumps({"input": {f: row[f] for f in fields}, **answer}) + "\n"
+    rows = read_jsonl(args.input, required=required)
+    lines = [json.dumps({"input": {f: row[f] for f in fields if f in row}, **answer}) + "\n"
              for row, answer in zip(rows, predict(rows, top_k=args.top_k))]
     if args.output:
         Path(args.output).write_text("".join(lines))
     else:
         sys.stdout.writelines(lines)
     return {"model": args.model, "answered": len(lines), "output": args.output}
+
+
+def _bank(args) -> dict:
+    """Register a prompt bank of a report's P-tuning prompts (components/mlops/bank.py) in the tracking store."""
+    import tempfile
+
+    import mlflow
+
+    from components.config import load_params, project_root
+    from components.mlops.bank import bank_from_report, bank_name, log_bank_model, read_bank
+    from components.mlops.stores import tracking_store
+    from components.mlops.tracking import Tracker
+
+    root = project_root()
+    with tempfile.TemporaryDirectory() as tmp:
+        bank_dir = bank_from_report(Path(args.report), Path(tmp) / "bank")  # refused before any store is touched
+        bank = read_bank(bank_dir)
+        name = args.name or bank_name(bank)
+        tracker = Tracker(tracking_store({}, load_params("tracking", root), root), "ptuning-banks", project_dir=root)
+        with mlflow.start_run(experiment_id=tracker.experiment_id, run_name=name) as run:
+            mlflow.log_params({"report": args.report, "n_prompts": len(bank["prompts"]), **{k: v for k, v in bank.items() if k != "prompts"}})
+            _, version = log_bank_model(bank_dir, run_id=run.info.run_id, registered_model_name=name)
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "prompts": sorted(bank["prompts"])}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -163,6 +198,10 @@ def parser() -> argparse.ArgumentParser:
                        help="any parameter of params/<benchmark>.yaml, e.g. train.batch_size=16 (values are YAML)")
         b.add_argument("--output-dir", help="default: outputs/<benchmark>/<task>/<model>/<method>")
         b.add_argument("--restart", action="store_true", help="discard whatever --output-dir holds and start fresh")
+        b.add_argument("--init-from", metavar="SOURCE",
+                       help="start from a learned prompt's encoder and train on: models:/NAME@champion, models:/NAME/3 "
+                            "or a prompt directory (a frozen-LM prompt of this benchmark, task, base model and encoder "
+                            "shape); the optimizer starts fresh")
         b.add_argument("--log-every", type=int, default=10)
         b.set_defaults(run=_train)
 
@@ -189,11 +228,18 @@ def parser() -> argparse.ArgumentParser:
         b.set_defaults(run=_report)
 
     predict = sub.add_parser("predict", help="answer inputs with a registered prompt, without a server")
-    predict.add_argument("--model", required=True, help="models:/NAME@champion (any MLflow model URI) or a prompt directory")
-    predict.add_argument("--input", required=True, help="JSONL, one object per line with the template's fields (LAMA: sub)")
+    predict.add_argument("--model", required=True, help="models:/NAME@champion (any MLflow model URI), a prompt or a bank directory")
+    predict.add_argument("--input", required=True, help="JSONL, one object per line with the template's fields (LAMA: sub; a bank's rows add `task`)")
     predict.add_argument("--top-k", type=int, default=5, help="answers per input, best first")
     predict.add_argument("--output", help="write the answers (JSONL) here instead of stdout")
     predict.set_defaults(run=_predict)
+
+    bank = sub.add_parser("bank", help="prompt banks: many frozen-LM prompts served by one LM")
+    bank.add_argument("action", choices=("register",))
+    bank.add_argument("--report", required=True, help="a LAMA report folder (reports/lama/<model>): per relation, "
+                                                      "the P-tuning seed best on dev")
+    bank.add_argument("--name", help="registered model name (default: ptuning-bank-<benchmark>-<vocab>-<model>)")
+    bank.set_defaults(run=_bank)
     return p
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ class RunConfig:
     tasks: tuple[TaskPlan, ...]
     root: Path  # the checkout
     overrides: dict = field(default_factory=dict)  # as given: what a person typed, for the record
+    init_from: str | None = None  # the learned prompt the run starts from (components/mlops/init_from.py)
 
     @property
     def spec(self) -> Benchmark:
@@ -41,11 +42,12 @@ class RunConfig:
 
     def with_overrides(self, overrides: dict) -> "RunConfig":
         """The same run with more overrides (a search trial's point, a final run's seed), resolved anew."""
-        return resolve(self.benchmark, {**self.overrides, **overrides}, self.root)
+        return replace(resolve(self.benchmark, {**self.overrides, **overrides}, self.root), init_from=self.init_from)
 
     def fingerprint(self) -> dict:
         """What a result depends on: parameters, library code, data. Equal fingerprints, equal results."""
-        return {"benchmark": self.benchmark, "params": _portable(self.params, self.root),
+        start = {"init_from": self.init_from} if self.init_from else {}  # absent otherwise: earlier runs keep theirs
+        return {"benchmark": self.benchmark, "params": _portable(self.params, self.root), **start,
                 "code_version": code_version(self.benchmark), "data_version": prepared_data_hash(self.params.get("data_dir"))}
 
     def fingerprint_hash(self) -> str:

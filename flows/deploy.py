@@ -9,21 +9,17 @@ other machines) to run: the alternative to `python -m flows.serve`, which needs 
 
 Each deployment records the checkout this command runs in (or --root) as its pull step
 (`prefect.deployments.steps.set_working_directory`): a worker's flow run, which a process worker starts in a
-temporary directory, changes into that checkout before it imports `flows.pipeline`, and works there (params/,
-dvc.yaml, data/, outputs/). Every machine that runs a worker needs the project checked out at that path with
-its environment installed (scripts/setup.sh, or `pip install -e .`) and the data mirror. Stores that several
-machines share go to the runs' environment with --env (MLFLOW_TRACKING_URI, OPTUNA_STORAGE); the embedded
-SQLite defaults would give each machine a store of its own.
+temporary directory, changes into that checkout before it imports the flow (`flows.pipeline`, `flows.paper_tables`),
+and works there (params/, dvc.yaml, data/, outputs/). Every machine that runs a worker needs the project checked out
+at that path with its environment installed (scripts/setup.sh, or `pip install -e .`) and the data mirror. Stores
+that several machines share go to the runs' environment with --env (MLFLOW_TRACKING_URI, OPTUNA_STORAGE); the
+embedded SQLite defaults would give each machine a store of its own.
 
 prefect.yaml describes the same deployments, with the same pull step, for `prefect deploy`; with prefect 3.8.8
 against its own server under fastapi 0.154, `prefect deploy` stops after the first deployment on a 422 from the
 workers/filter endpoint (the deployment it printed is registered), which this script avoids.
 """
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 
 import argparse
 import sys

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 # The temporary local Prefect API migrates its SQLite database on a first start: give a busy machine time.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 for _name, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
@@ -60,8 +59,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from components.mlops.stores import StoreUnreachable
-    from flows.pipeline import check_stores, plan, ptuning
+    from components.mlops.stores import StoreUnreachable, check_stores
+    from flows.pipeline import ptuning
+    from flows.plan import plan
 
     try:
         arguments = flow_arguments(args.benchmark, args.param, args.set)

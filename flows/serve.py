@@ -11,25 +11,22 @@ until it is stopped (Ctrl-C). Then, from any shell that points at the same API:
     prefect deployment run ptuning-report/lama -p model=smollm2-135m --watch      # the LAMA table (resumes)
     prefect deployment run ptuning-report/superglue -p model=smollm2-135m --watch # the few-shot table (resumes)
 
-Every parameter of the flow (flows/pipeline.py `ptuning`) can be given with -p; those not given come from
-params/flow.yaml when the run starts. Serving needs no work pool or worker; for workers on other machines see
-flows/deploy.py (README: "Workers on other machines"), which registers these deployments on a work pool with
-the checkout as their pull step.
+Every parameter of the flows (flows/pipeline.py `ptuning`, flows/paper_tables.py `report`) can be given with -p;
+those not given come from params/flow.yaml (`ptuning`) or params/report.yaml (`ptuning-report`) when the run
+starts. Serving needs no work pool or worker; for workers on other machines see flows/deploy.py (README: "Workers
+on other machines"), which registers these deployments on a work pool with the checkout as their pull step.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
-
 import argparse
-import sys
-
 import importlib
+import os
+import sys
 
 from components.benchmarks import REGISTRY
 from components.reports import REPORTS
-from flows.pipeline import ptuning, report
+from flows.paper_tables import report
+from flows.pipeline import ptuning
 
 
 def description(benchmark: str) -> str:
@@ -40,9 +37,9 @@ def description(benchmark: str) -> str:
 
 def deployments(only: list[str] | None = None, **kwargs) -> list:
     """The RunnerDeployments `ptuning/<benchmark>` and `ptuning-report/<benchmark>`. The entry points are module
-    paths (`flows.pipeline.ptuning`): a run starts wherever this project is installed (no copy of the code
-    travels). `kwargs` go to `to_deployment` (flows.deploy passes the work pool and the job's environment, and sets
-    each deployment's storage to the checkout)."""
+    paths (`flows.pipeline.ptuning`, `flows.paper_tables.report`): a run starts wherever this project is installed
+    (no copy of the code travels). `kwargs` go to `to_deployment` (flows.deploy passes the work pool and the job's
+    environment, and sets each deployment's storage to the checkout)."""
     from prefect.types.entrypoint import EntrypointType
 
     chosen = only or list(REGISTRY)

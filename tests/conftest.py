@@ -1,5 +1,6 @@
 """Test environment: offline, no telemetry, shared data from ../shared (or $PTUNING_SHARED); the real services
-(MLflow and Prefect servers, PostgreSQL, Chromium) come from tests/services.py, loaded here as a plugin."""
+(MLflow and Prefect servers, PostgreSQL, Chromium) come from tests/services.py, loaded here as a plugin. What test
+modules share besides fixtures is in tests/helpers/: a test module never imports another."""
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest.register_assert_rewrite("services")  # imported here, before pytest loads it as a plugin
+pytest.register_assert_rewrite("services", "helpers")  # services: imported here, before pytest loads it as a plugin
 from services import REPO  # noqa: E402  (the checkout: one definition for every test)
 SHARED = Path(os.environ.get("PTUNING_SHARED", REPO.parent / "shared")).resolve()
 os.environ.setdefault("PTUNING_TOKENIZERS", str(SHARED / "tokenizers"))
@@ -54,6 +55,24 @@ def lama_data_dir(raw_data_dir, shared_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_lama(lama_data_dir, tmp_path_factory) -> Path:
+    """data/lama with two relations cut short, so that a run takes seconds: P36 16 training facts (2 steps an
+    epoch at batch 8), P1376 40 (5); 12 dev and 20 test facts each."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("small_lama")
+    shutil.copy(lama_data_dir / "relations.jsonl", out)
+    for relation, n_train in (("P36", 16), ("P1376", 40)):
+        target = out / "29k" / relation
+        target.mkdir(parents=True)
+        for split, n in (("train", n_train), ("dev", 12), ("test", 20)):
+            lines = (lama_data_dir / "29k" / relation / f"{split}.jsonl").read_text().splitlines()[:n]
+            (target / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.copy(lama_data_dir / "29k" / "vocab.json", out / "29k")
+    return out
+
+
+@pytest.fixture(scope="session")
 def fewglue_dir(shared_dir, tmp_path_factory) -> Path:
     """data/fewglue as the `prepare_fewglue` stage writes it (read from the mirror, which has data/raw's layout)."""
     from components.benchmarks.superglue.prepare import prepare
@@ -61,3 +80,28 @@ def fewglue_dir(shared_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fewglue")
     prepare(shared_dir / "data", out, seed=42)
     return out
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables and nothing else, created once: MLflow's schema migrations take
+    seconds per new store, and what the tests prove starts after them."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "mlruns")).engine.dispose()
+    return path
+
+
+@pytest.fixture
+def new_mlflow_db(_empty_mlflow_db):
+    """new_mlflow_db(path) -> path: a new, empty MLflow SQLite store at `path` (a copy of a migrated one), for a test
+    of what a store holds, not of how MLflow creates one (test_tracking.py's embedded-store test does that)."""
+    import shutil
+
+    def new(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_mlflow_db, path)
+        return path
+
+    return new

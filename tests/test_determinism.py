@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from components.training import TrainConfig, fit
-from test_resume import ENV, comparable, command, make_lama, run_to_end, same_prompts
+from helpers.cli import ENV, RESUMABLE, comparable, run_to_end, same_prompts, train_lama
+from helpers.lama import make_lama
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the ful
 def test_the_same_command_twice_gives_the_same_figures_with_two_threads(tmp_path):
     assert ENV["OMP_NUM_THREADS"] == "2"
     data = make_lama(tmp_path / "lama")
-    runs = [run_to_end(command(data, tmp_path / name, 24), tmp_path) for name in ("first", "second")]
+    runs = [run_to_end(train_lama(data, tmp_path / name, 24, **RESUMABLE), tmp_path) for name in ("first", "second")]
     figures = [json.loads(r.stdout.strip().splitlines()[-1]) for r in runs]
     assert figures[0]["test"] == figures[1]["test"] and figures[0]["dev"] == figures[1]["dev"]
     assert comparable(tmp_path / "first") == comparable(tmp_path / "second")

@@ -12,7 +12,8 @@ import torch
 
 from components.training import TrainConfig, fit
 from components.training.storage import DiskFull, atomic_write, load_checkpoint, save_checkpoint
-from test_resume import ENV, command, kill_once_written, make_lama
+from helpers.cli import ENV, RESUMABLE, kill_once_written, train_lama
+from helpers.lama import make_lama
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
 
@@ -90,7 +91,7 @@ def test_the_cli_on_a_full_disk_exits_4_with_one_line_and_the_checkpoint_intact(
     """A run killed mid-way, then resumed on a disk that has meanwhile filled up."""
     data = make_lama(tmp_path / "lama")
     out = tmpfs("16m") / "run"
-    cmd = command(data, out, 150)
+    cmd = train_lama(data, out, 150, **RESUMABLE)
     checkpoint = out / "checkpoint" / "last.safetensors"
     kill_once_written(cmd, repo_dir, checkpoint, tmp_path / "killed.log", "checkpoint")
     saved = checkpoint.read_bytes()

@@ -48,7 +48,7 @@ def dvc_repo(tmp_path_factory, repo_dir, shared_dir):
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PTUNING_DATA_MIRROR": str(shared_dir / "data"),
-           "PYTHONPATH": str(repo),  # `python -m flows.report` of the copy
+           "PYTHONPATH": str(repo),  # `python -m flows.dvc_metrics` of the copy
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # A tiny configuration of the training stage: tiny random GPT-2, one relation, 4 steps.
     lama = yaml.safe_load((repo / "params" / "lama.yaml").read_text())

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from components.config import load_params
+from helpers.prefect import flow_logs
 from services import REPO, start, stop, wait_http
 
 BIN = Path(sys.executable).parent
@@ -68,20 +68,6 @@ def run_deployment(stack: dict, name: str, params: dict) -> str:
     return finish_deployment(stack, start_deployment(stack, name, params))
 
 
-def flow_logs(stack: dict, flow_run_id: str) -> str:
-    """The flow run's logs as Prefect's API stores them (what its UI shows)."""
-    messages, offset = [], 0
-    while True:
-        response = httpx.post(f"{stack['api']}/logs/filter", timeout=10, json={
-            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": offset, "sort": "TIMESTAMP_ASC"})
-        response.raise_for_status()
-        page = response.json()
-        messages += [entry["message"] for entry in page]
-        if len(page) < 200:
-            return "\n".join(messages)
-        offset += 200
-
-
 def tiny(stack: dict, experiment: str, overrides: dict, **extra) -> dict:
     tmp = stack["tmp"]
     return {"models": ["tiny-gpt2"], "methods": ["ptuning"], "seeds": [34],
@@ -96,7 +82,7 @@ def check_registration(stack: dict, experiment: str, benchmark: str, task: str, 
     import optuna
     from mlflow import MlflowClient
 
-    from components.mlops.tracking import registered_name
+    from components.mlops.champion import registered_name
 
     mlflow.set_tracking_uri(stack["mlflow"])  # models:/ URIs resolve through the global registry URI
     mlflow.set_registry_uri(stack["mlflow"])
@@ -245,7 +231,7 @@ def test_superglue_deployment_end_to_end(stack, first_runs):
 
 def test_plan_resolves_params_files_and_overrides(tmp_path, repo_dir):
     from components.config import load_params
-    from flows.pipeline import plan
+    from flows.plan import plan
 
     flow_file = load_params("flow")
     run = plan("lama", models=["tiny-gpt2"], seeds=[1, 2],
@@ -267,7 +253,7 @@ def test_plan_resolves_params_files_and_overrides(tmp_path, repo_dir):
 
 
 def test_relative_sqlite_stores_are_the_checkouts(monkeypatch, repo_dir):
-    from flows.pipeline import plan
+    from flows.plan import plan
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
@@ -284,7 +270,8 @@ def test_the_recorded_command_trains_the_same_combination_again():
     resolves to the same combination, seeds, search and overrides (params/flow.yaml's included)."""
     import shlex
 
-    from flows.pipeline import plan, retrain_command
+    from flows.plan import plan
+    from flows.retrain import retrain_command
     from flows.run import flow_arguments, parser
 
     run = plan("lama", tasks=["P19", "P36"], models=["tiny-gpt2"], seeds=[1, 2],
@@ -311,7 +298,7 @@ def test_the_recorded_command_trains_the_same_combination_again():
 def test_null_means_the_whole_grid():
     """`--set search.n_trials=null` runs the whole grid, as the comment in params/search.yaml says (it once ran
     params/flow.yaml's 2 trials)."""
-    from flows.pipeline import plan
+    from flows.plan import plan
     from flows.run import flow_arguments
 
     arguments = flow_arguments("lama", ["models=[tiny-gpt2]"], ["search.n_trials=null"])
@@ -333,30 +320,53 @@ def test_null_means_the_whole_grid():
     ({"seeds": []}, "must not be empty"),
 ])
 def test_bad_flow_input_fails_in_the_plan(arguments, message):
-    from flows.pipeline import plan
+    from flows.plan import plan
 
     with pytest.raises(ValueError, match=re.escape(message)):
         plan("lama", **arguments)
 
 
-def test_flow_run_entry_fails_before_any_side_effect(tmp_path, repo_dir):
-    """`python -m flows.run` with a bad task: exit 2, one line, and no store or output was created."""
-    done = subprocess.run([sys.executable, "-m", "flows.run", "lama", "--param", "tasks=[P999]",
-                           "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+@pytest.mark.parametrize("given, message", [
+    (["--param", "tasks=[P999]"], "unknown LAMA relation(s) ['P999']"),
+    (["--param", "n_trials=3"], "unknown flow parameter(s) ['n_trials']"),
+    (["--set", "tracking.uri=http://127.0.0.1:9"], "MLflow tracking store http://127.0.0.1:9 is unreachable"),
+    (["--set", "search.storage=postgresql://nobody@127.0.0.1:1/x"],
+     "Optuna storage postgresql://nobody@127.0.0.1:1/x is unreachable"),
+])
+def test_the_flow_entry_refuses_bad_input_or_a_dead_store_in_one_line_before_any_side_effect(
+        tmp_path, capfd, given, message):
+    """flows.run's main (in this process: the test below runs the command itself): a bad input or a store that does
+    not answer is one line, exit 2, before Prefect starts (it was three tracebacks, 120 lines, exit 1), and nothing
+    is written (neither store, a new SQLite file, is created; no output folder)."""
+    from flows.run import main
+
+    capfd.readouterr()
+    code = main(["lama", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                 "--set", f"search.storage=sqlite:///{tmp_path / 'o.db'}", "--set", f"flow.outputs_dir={tmp_path / 'out'}",
+                 *given])
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"flows.run: error: {message}"), err[-3000:]
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # the command in a process of its own; its logic is the fast test's above
+def test_python_m_flows_run_with_a_dead_store_prints_one_line_and_writes_nothing(tmp_path, repo_dir):
+    """The command itself, in a process of its own: nothing else reaches stderr on the way (imports, Prefect)."""
+    done = subprocess.run([sys.executable, "-m", "flows.run", "lama",
+                           "--set", "tracking.uri=http://127.0.0.1:9",
                            "--set", f"search.storage=sqlite:///{tmp_path / 'o.db'}",
                            "--set", f"flow.outputs_dir={tmp_path / 'out'}"],
                           capture_output=True, text=True, cwd=repo_dir, timeout=120)
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("flows.run: error: unknown LAMA"), done.stderr
-    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
-    unknown = subprocess.run([sys.executable, "-m", "flows.run", "lama", "--param", "n_trials=3"],
-                             capture_output=True, text=True, cwd=repo_dir, timeout=120)
-    assert unknown.returncode == 2 and "unknown flow parameter(s) ['n_trials']" in unknown.stderr
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("flows.run: error: MLflow tracking store http://127.0.0.1:9 is unreachable")
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_unreachable_stores_fail_first_with_a_clear_error(tmp_path):
-    from components.mlops.search import StorageUnreachable
-    from components.mlops.tracking import TrackingUnreachable
-    from flows.pipeline import check_services
+    from components.mlops.stores import StorageUnreachable, TrackingUnreachable
+    from flows.tasks import check_services
 
     with pytest.raises(TrackingUnreachable, match="127.0.0.1:9"):
         check_services.fn("http://127.0.0.1:9", f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -364,26 +374,8 @@ def test_unreachable_stores_fail_first_with_a_clear_error(tmp_path):
         check_services.fn(f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'missing' / 'optuna.db'}")
 
 
-@pytest.mark.parametrize("store, message", [
-    ("tracking.uri=http://127.0.0.1:9", "MLflow tracking store http://127.0.0.1:9 is unreachable"),
-    ("search.storage=postgresql://nobody@127.0.0.1:1/x", "Optuna storage postgresql://nobody@127.0.0.1:1/x is unreachable"),
-])
-def test_an_unreachable_store_stops_the_flow_entry_in_one_line(tmp_path, repo_dir, store, message):
-    """`python -m flows.run` with a store that does not answer: one line, exit 2, before Prefect starts (it was three
-    tracebacks, 120 lines, exit 1), and nothing written (the other store, a new SQLite file, is not created)."""
-    done = subprocess.run([sys.executable, "-m", "flows.run", "lama",
-                           "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
-                           "--set", f"search.storage=sqlite:///{tmp_path / 'o.db'}",
-                           "--set", f"flow.outputs_dir={tmp_path / 'out'}", "--set", store],
-                          capture_output=True, text=True, cwd=repo_dir, timeout=120)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
-    assert lines[0].startswith(f"flows.run: error: {message}") and done.stdout == ""
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_report_writes_metrics_and_learning_curve(tmp_path):
-    from flows.report import report
+    from flows.dvc_metrics import report
 
     run = tmp_path / "run"
     run.mkdir()

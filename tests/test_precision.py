@@ -50,7 +50,7 @@ def one_thread():
 
 def _task(lm, n_items: int = 32):
     """A toy LAMA relation: subject -> one of K candidate words, read at the [MASK] (masked) or the token
-    before the target (causal); loss = cross-entropy over the candidates' logits, as components/lama.py."""
+    before the target (causal); loss = cross-entropy over the candidates' logits, as components/benchmarks/lama/run.py."""
     causal = lm.causal
     template = parse_template("[P*3] {sub} [P*3] [Y]" if causal else "[P*3] {sub} [P*3] [Y] [P*3]")
     candidates = [lm.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in _WORDS[:8]]

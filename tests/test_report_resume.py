@@ -1,6 +1,6 @@
 """A LAMA report killed (SIGKILL) while its P-tuning pool trains, then run again, ends with the figures of an
 untouched run to the last digit, and counts the killed invocation's time. `ptuning report lama` on tiny-gpt2 and
-tests/test_resume.py's LAMA-shaped data, on CPU with two threads.
+tests/helpers/lama.py's LAMA-shaped data, on CPU with two threads.
 
 The pool trains the prompts of several (relation, seed) units in one shared batch; a prompt's figures depend on
 its neighbours in that batch (float noise of other batch shapes). The kill comes after some units have finished
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from test_resume import ENV, kill_once_written, make_lama
+from helpers.cli import ENV, kill_once_written
+from helpers.lama import make_lama
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
 

@@ -1,11 +1,11 @@
 """The report units (components/reports/store.py): what is reused, what is recomputed, what a unit may resume."""
 import re
-import time
 
 import pytest
 
 from components.run_dir import RunDirBusy
 from components.reports.store import Clock, UnitKey, UnitStore, mean_std, methods_and_seeds, pct, report_dir
+from helpers.clock import FakeClock
 
 
 def test_only_units_of_the_current_settings_count(tmp_path):
@@ -37,28 +37,33 @@ def test_a_table_of_other_parameters_gets_a_folder_of_its_own(tmp_path):
 
 
 def test_timings_add_up_over_invocations_of_the_same_settings(tmp_path):
-    store = UnitStore(tmp_path)
-    started = time.time() - 10
-    store.add_timing("manual", started, "settings-a")
-    first = store.timings["manual"]["seconds"]
-    store.add_timing("manual", started, "settings-a", figures={"examples_per_s": 3.0})
-    assert store.timings["manual"]["seconds"] >= first + 10 and store.timings["manual"]["examples_per_s"] == 3.0
-    store.add_timing("manual", time.time() - 1, "settings-a")  # a tick without figures keeps the earlier ones
-    assert store.timings["manual"]["examples_per_s"] == 3.0
-    store.add_timing("manual", time.time() - 1, "settings-b")  # other settings recompute every unit: a new count
-    assert 1 <= store.timings["manual"]["seconds"] < 10 and "examples_per_s" not in store.timings["manual"]
+    clock = FakeClock()
+    store = UnitStore(tmp_path, clock=clock)
+    store.add_timing("manual", clock() - 10, "settings-a")
+    assert store.timings["manual"] == {"seconds": 10.0, "settings": "settings-a"}
+    store.add_timing("manual", clock() - 10, "settings-a", figures={"examples_per_s": 3.0})
+    assert store.timings["manual"]["seconds"] == 20.0 and store.timings["manual"]["examples_per_s"] == 3.0
+    store.add_timing("manual", clock() - 1, "settings-a")  # a tick without figures keeps the earlier ones
+    assert store.timings["manual"] == {"seconds": 21.0, "settings": "settings-a", "examples_per_s": 3.0}
+    store.add_timing("manual", clock() - 1, "settings-b")  # other settings recompute every unit: a new count
+    assert store.timings["manual"] == {"seconds": 1.0, "settings": "settings-b"}
 
 
 def test_a_clock_keeps_the_time_of_every_finished_unit_when_the_run_stops_before_its_end(tmp_path):
-    store = UnitStore(tmp_path)
+    time = FakeClock()
+    store = UnitStore(tmp_path, clock=time)
     clock = Clock(store, "ptuning", "settings-a")
-    clock.last -= 5  # the first unit took 5 s
+    time.advance(5)  # the first unit took 5 s
     clock.tick()  # ... and the run is then killed before its final tick
-    assert 5 <= store.timings["ptuning"]["seconds"] < 6
+    assert store.timings["ptuning"]["seconds"] == 5.0
+    time.advance(100)  # the run is down a while: that time is not the method's
     again = Clock(store, "ptuning", "settings-a")  # the resumed run adds to it
-    again.last -= 3
+    time.advance(3)
     again.tick({"examples_per_s": 2.0})
-    assert 8 <= store.timings["ptuning"]["seconds"] < 9 and store.timings["ptuning"]["examples_per_s"] == 2.0
+    assert store.timings["ptuning"]["seconds"] == 8.0 and store.timings["ptuning"]["examples_per_s"] == 2.0
+    time.advance(2)
+    again.tick()  # each tick adds the time since the previous one, not since the start
+    assert store.timings["ptuning"]["seconds"] == 10.0
 
 
 @pytest.mark.parametrize("methods, seeds, message", [
@@ -107,9 +112,10 @@ def test_a_second_run_on_the_same_report_folder_stops_at_once(tmp_path):
 
 
 def test_a_reports_time_counts_only_its_methods_under_their_current_settings(tmp_path):
-    store = UnitStore(tmp_path)
+    clock = FakeClock()
+    store = UnitStore(tmp_path, clock=clock)
     for method, settings in (("manual", "a"), ("ptuning", "old"), ("finetune", "a")):
-        store.add_timing(method, time.time() - 10, settings)
+        store.add_timing(method, clock() - 10, settings)
     keys = {"manual": type("Key", (), {"settings": "a"}), "ptuning": type("Key", (), {"settings": "new"})}
     assert list(store.timings_of(keys)) == ["manual"]
 
@@ -128,7 +134,7 @@ def test_a_killed_pool_is_resumed_only_for_the_units_it_was_training(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from components.benchmarks.lama.shared import PoolCheckpoint
+    from components.benchmarks.lama.pool_state import PoolCheckpoint
     from components.reports.lama import _pool_jobs
 
     checkpoint = PoolCheckpoint(tmp_path)
@@ -156,7 +162,7 @@ def test_lm_training_of_a_report_logs_a_line_every_interval(caplog):
     interval (a minute in the report) while it trains."""
     import logging
 
-    from components.benchmarks.lama.shared import Heartbeat
+    from components.benchmarks.lama.pool_state import Heartbeat
     from components.reports.lama import _StepHeartbeat
 
     now = [0.0]

@@ -1,28 +1,28 @@
 """A run directory knows its run (components/run_dir.py), proved through the real CLI (`python -m
 components.cli train lama`, tiny-gpt2, a few steps): other settings are refused with one line naming the
-difference and nothing written; the same settings read the result back; --restart starts afresh; a second
-process on a busy directory refuses at once; the lock of a killed process does not block."""
+difference and nothing written; the same settings read the result back; --restart starts afresh. Its lock is
+proved directly, without training: a second claim on a busy directory refuses at once, in this process or through
+the CLI, and the lock of a killed process does not block."""
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from test_resume import ENV, make_lama
-
-pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
+from components.run_dir import LOCK, RunDirBusy, execute, hold
+from helpers.cli import ENV, MODULE, train_lama
+from helpers.lama import make_lama
 
 STEPS = 3
 
 
 def cli(data: Path, output_dir: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    return [sys.executable, "-m", "components.cli", "train", "lama", "--task", "P19", "--model", "tiny-gpt2",
-            "--method", "ptuning", "--output-dir", str(output_dir), "--steps", str(steps), "--eval-every", "2",
-            "--lr", "0.003", "--set", f"data_dir={data}", "--set", "train.batch_size=8", "--set", "train.precision=fp32",
-            "--set", "train.patience=null", "--log-every", "1", *extra]
+    return train_lama(data, output_dir, steps, *extra, entry=MODULE)
 
 
 def run(cmd: list[str], repo: Path) -> subprocess.CompletedProcess:
@@ -46,6 +46,7 @@ def finished(tmp_path_factory, repo_dir):
     return data, out, json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
 @pytest.mark.parametrize("change, named", [
     (["--task", "P36"], "params.task: 'P19' -> 'P36'"),
     (["--lr", "0.01"], "params.train.lr: 0.003 -> 0.01"),
@@ -61,6 +62,7 @@ def test_other_settings_are_refused_with_one_line_naming_the_difference(finished
     assert contents(out) == before  # nothing written, nothing removed
 
 
+@pytest.mark.slow
 def test_the_same_settings_read_the_finished_result_back(finished, repo_dir):
     data, out, metrics = finished
     before = contents(out)
@@ -71,6 +73,7 @@ def test_the_same_settings_read_the_finished_result_back(finished, repo_dir):
     assert contents(out) == before
 
 
+@pytest.mark.slow
 def test_restart_discards_the_other_run_and_trains_afresh(finished, repo_dir, tmp_path):
     data, out, _ = finished
     copy = tmp_path / "run"
@@ -84,6 +87,7 @@ def test_restart_discards_the_other_run_and_trains_afresh(finished, repo_dir, tm
     assert run(cli(data, copy), repo_dir).returncode == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (["--set", "template=[Y] [P*3] {sub}"], "needs at least one token before the target [Y]"),  # causal LM
     (["--set", "max_length=4"], "longer than max_length=4"),
@@ -147,40 +151,93 @@ def test_a_claim_is_undone_only_while_nothing_was_written(tmp_path):
     assert sorted(p.name for p in new.iterdir()) == [".run.lock", "fingerprint.json", "metrics.json"]
 
 
-def _start_and_wait_for_claim(cmd: list[str], out: Path, repo: Path) -> subprocess.Popen:
-    """Start a run; return once it holds the directory (its fingerprint is written under the lock)."""
-    first = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 120
-    while not (out / "fingerprint.json").exists():
-        assert first.poll() is None, first.communicate()[1][-3000:]
-        assert time.time() < deadline, "the first run never claimed its directory"
-        time.sleep(0.02)
-    return first
+# Holds `directory` with run_dir.hold in a process of its own until its stdin closes (or it is killed).
+HOLDER = "import sys\nfrom components.run_dir import hold\nwith hold(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
 
 
+@contextlib.contextmanager
+def held_elsewhere(directory: Path, repo: Path):
+    """Another process that holds `directory`'s lock while the block runs (yielded, to be killed if need be)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory)], cwd=repo, env=ENV, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "held\n", holder.communicate()[1][-3000:]
+        yield holder
+    finally:
+        if holder.poll() is None:
+            holder.stdin.close()  # it releases the lock and ends
+            holder.wait(timeout=60)
+
+
+def never_waits(monkeypatch):
+    """Make any wait fail: filelock waits for a busy lock by sleeping between tries; a refusal must not."""
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail(f"waited {seconds} s for the lock"))
+
+
+NOT_TO_RUN = SimpleNamespace(fingerprint=lambda: {"params": {"task": "P19"}},
+                             spec=SimpleNamespace(run=lambda *args: pytest.fail("a busy directory's run trained")))
+
+
+def test_a_busy_directory_refuses_a_second_claim_at_once_and_writes_nothing(tmp_path, monkeypatch):
+    """run_dir.hold's lock, within one process: a second `hold` or `execute` raises RunDirBusy naming the directory,
+    without waiting and without writing; the lock is free again when the first holder is done."""
+    busy = tmp_path / "busy"
+    with hold(busy):
+        with monkeypatch.context() as patched:
+            never_waits(patched)
+            with pytest.raises(RunDirBusy, match=f"{busy} is in use by another ptuning process"):
+                with hold(busy):
+                    pytest.fail("two holders at once")
+            with pytest.raises(RunDirBusy, match=f"{busy} is in use"):
+                execute(NOT_TO_RUN, busy)
+        assert sorted(p.name for p in busy.iterdir()) == [LOCK]  # no fingerprint, nothing of a run
+    with hold(busy):  # released
+        pass
+
+
+def test_the_lock_is_held_per_process_and_a_killed_holder_does_not_block(tmp_path, repo_dir, monkeypatch):
+    """Another process holds the directory: this one is refused at once; once that process is killed (SIGKILL: no
+    cleanup of its own), its lock file stays but the OS dropped its lock, and the directory can be held."""
+    busy = tmp_path / "busy"
+    with held_elsewhere(busy, repo_dir) as holder:
+        with monkeypatch.context() as patched:
+            never_waits(patched)
+            with pytest.raises(RunDirBusy, match=f"{busy} is in use"):
+                execute(NOT_TO_RUN, busy)
+        assert holder.poll() is None  # it held the lock throughout
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert holder.returncode == -signal.SIGKILL and (busy / LOCK).exists()
+    with hold(busy):
+        pass
+
+
+@pytest.mark.slow  # `ptuning train lama` in subprocesses
 def test_a_second_process_on_a_busy_directory_refuses_at_once(tmp_path, repo_dir):
+    """Through the CLI: exit 3, one line naming the directory, nothing written, while another process holds it;
+    the same command trains once the holder is gone."""
     data = make_lama(tmp_path / "lama", n_train=24)
     out = tmp_path / "busy"
-    first = _start_and_wait_for_claim(cli(data, out, steps=150), out, repo_dir)
-    started = time.time()
-    second = run(cli(data, out, steps=150), repo_dir)
-    assert first.poll() is None, "the first run must still be running for this test to mean anything"
+    with held_elsewhere(out, repo_dir) as holder:
+        second = run(cli(data, out), repo_dir)
+        assert holder.poll() is None, "the holder must still hold the directory for this test to mean anything"
     assert second.returncode == 3, second.stderr[-3000:]
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and str(out) in lines[0] and "in use" in lines[0], lines
-    assert time.time() - started < 60  # at once: no waiting for the lock
-    stdout, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr[-3000:]
-    assert json.loads(stdout.strip().splitlines()[-1])["tasks"]["P19"]["steps"] == 150
+    assert second.stdout == "" and sorted(p.name for p in out.iterdir()) == [LOCK]
+    after = run(cli(data, out), repo_dir)
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert json.loads(after.stdout.strip().splitlines()[-1])["tasks"]["P19"]["steps"] == STEPS
 
 
+@pytest.mark.slow  # `ptuning train lama` in a subprocess
 def test_the_lock_of_a_killed_process_does_not_block(tmp_path, repo_dir):
     data = make_lama(tmp_path / "lama", n_train=24)
     out = tmp_path / "killed"
-    victim = _start_and_wait_for_claim(cli(data, out, steps=150), out, repo_dir)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
-    assert victim.returncode == -signal.SIGKILL and (out / ".run.lock").exists()
-    after = run(cli(data, out, steps=150), repo_dir)
+    with held_elsewhere(out, repo_dir) as victim:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL and (out / LOCK).exists()
+    after = run(cli(data, out), repo_dir)
     assert after.returncode == 0, after.stderr[-3000:]
-    assert json.loads(after.stdout.strip().splitlines()[-1])["tasks"]["P19"]["steps"] == 150
+    assert json.loads(after.stdout.strip().splitlines()[-1])["tasks"]["P19"]["steps"] == STEPS

@@ -1,7 +1,9 @@
 """Optuna search: the paper's grid, two worker processes sharing one study in PostgreSQL (every grid
 point exactly once, and no worker returns while another's trial still runs), pruning through the real
 training loop, a dead worker's point taken over, and a clear error for a dead storage."""
+import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,39 +12,13 @@ import time
 
 import optuna
 import pytest
-import torch
-from torch import nn
+import sqlalchemy
 
-from components.mlops.search import (PAPER_GRID, SKIPPED, PruningCallback, StorageUnreachable, grid_size, grid_space,
-                               make_sampler, open_study, run_search, summary)
 from components.config import load_params
-from components.training import TrainConfig, fit
-
-
-
-# --- a tiny real task: fit a linear regression; dev score = -MSE ---------------------------------
-
-def tiny_train(point: dict, callbacks: list, steps: int = 12, eval_every: int = 3) -> dict:
-    """A search point {"train.lr": .., "train.batch_size": ..} -> nested metrics, as a benchmark returns them."""
-    torch.manual_seed(0)
-    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
-    x = torch.randn(64, 4)
-    y = x @ w
-    items = list(range(64))
-    model = nn.Linear(4, 1)
-    config = TrainConfig(lr=point["train.lr"], batch_size=point["train.batch_size"], epochs=50,
-                         max_steps=steps, eval_every=eval_every, precision="fp32", optimizer="adam", seed=1)
-
-    def loss_fn(m, batch):
-        return nn.functional.mse_loss(m(batch["x"]).squeeze(-1), batch["y"])
-
-    def evaluate(m):
-        return {"dev.neg_mse": -nn.functional.mse_loss(m(x).squeeze(-1), y).item()}
-
-    collate = lambda idx: {"x": x[idx], "y": y[idx]}
-    result = fit(model, items, [1] * len(items), collate, loss_fn, evaluate, config, select=("dev.neg_mse",),
-                 callbacks=callbacks)
-    return {"dev": {"score": result.best_metrics["dev.neg_mse"]}, "steps": result.steps}
+from components.mlops.search import SKIPPED, PruningCallback, make_sampler, open_study, run_search, summary
+from components.mlops.search_space import PAPER_GRID, grid_size, grid_space
+from components.mlops.stores import StorageUnreachable
+from helpers.search import tiny_train
 
 
 def test_default_space_is_the_papers_grid(repo_dir):
@@ -66,13 +42,44 @@ def test_unknown_sampler_and_pruner_are_named():
         open_study("s", "sqlite:///:memory:", PAPER_GRID, pruner="oracle")
 
 
-def test_unreachable_storage_fails_fast_before_training():
-    ran = []
-    started = time.time()
+def test_the_exclusive_grid_marks_trials_as_optunas_grid_sampler_reads_them():
+    """ExclusiveGridSampler sets a trial's system attributes through Optuna's private storage API (Study._storage,
+    FrozenTrial._trial_id: there is no public one), and GridSampler's sampling reads `grid_id` back: an Optuna that
+    changes either fails here. The points go by rank, in one order whatever the seed; a trial past the grid is
+    `grid_extra`."""
+    space = {"train.lr": [0.1, 0.2], "train.batch_size": [8, 16]}
+
+    def ask(seed: int) -> tuple:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler("grid", space, seed=seed))
+        trials = [study.ask() for _ in range(5)]
+        return study, [(t.suggest_categorical("train.batch_size", [8, 16]), t.suggest_categorical("train.lr", [0.1, 0.2]))
+                       for t in trials[:4]]
+
+    study, points = ask(7)
+    assert sorted(points) == [(8, 0.1), (8, 0.2), (16, 0.1), (16, 0.2)] and ask(0)[1] == points
+    marks = [t.system_attrs for t in study.get_trials(deepcopy=False)]
+    assert [m.get("grid_id") for m in marks] == [0, 1, 2, 3, None] and marks[4]["grid_extra"] is True
+    assert all(m["search_space"] == {"train.batch_size": [8, 16], "train.lr": [0.1, 0.2]} for m in marks)
+
+
+def test_unreachable_storage_fails_fast_before_training(monkeypatch):
+    """Fast by construction, whatever the machine's speed: one connection attempt, bounded by open_study's check
+    timeout, then StorageUnreachable naming the storage; Optuna's storage is never made (nor open_study's retries
+    of the study's creation reached)."""
+    ran, attempts = [], []
+    create_engine = sqlalchemy.create_engine
+
+    def spy_create_engine(url, connect_args, **kwargs):
+        attempts.append(connect_args["connect_timeout"])
+        return create_engine(url, connect_args=connect_args, **kwargs)
+
+    monkeypatch.setattr(sqlalchemy, "create_engine", spy_create_engine)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda *a, **k: pytest.fail("Optuna's storage was made"))
     with pytest.raises(StorageUnreachable, match=r"postgresql://127\.0\.0\.1:1/x"):
         study = open_study("never", "postgresql://127.0.0.1:1/x", PAPER_GRID)
         run_search(study, lambda p, cb, t: ran.append(p) or {"dev": {"score": 0.0}})
-    assert time.time() - started < 10
+    check_timeout = inspect.signature(open_study).parameters["check_timeout"].default
+    assert len(attempts) == 1 and 0 < attempts[0] <= math.ceil(check_timeout)
     assert ran == []
 
 
@@ -81,7 +88,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
     from components.mlops.search import open_study, run_search
-    from test_search import tiny_train
+    from helpers.search import tiny_train
     storage, study_name, log_path, barrier, me = sys.argv[2:7]
     study = open_study(study_name, storage, {"train.lr": [0.01, 0.03, 0.1], "train.batch_size": [8, 16]},
                        pruner="none", heartbeat=5)
@@ -183,6 +190,7 @@ KILLED_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a worker process killed mid-trial, its heartbeat's grace waited out in real time
 def test_a_killed_workers_grid_point_is_requeued_and_run_by_another(tmp_path, repo_dir):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     dead = subprocess.run([sys.executable, "-c", KILLED_WORKER, str(repo_dir), storage], capture_output=True, text=True,
@@ -219,11 +227,13 @@ PACED_WORKER = textwrap.dedent("""
 
     def note(what, **more):
         with open(events, "a") as f:
-            f.write(json.dumps({"role": role, "what": what, "time": time.time(), **more}) + "\\n")
+            f.write(json.dumps({"role": role, "what": what, **more}) + "\\n")
+
+    def noted(who, what):
+        return any(json.loads(line)["role"] == who and json.loads(line)["what"] == what for line in open(events))
 
     def started(who):
-        return any(json.loads(line)["role"] == who and json.loads(line)["what"] == "trial"
-                   for line in open(events))
+        return noted(who, "trial")
 
     def run_trial(point, callbacks, trial):
         note("trial", lr=point["train.lr"], number=trial.number)
@@ -231,7 +241,9 @@ PACED_WORKER = textwrap.dedent("""
             while not started("slow") and not started("doomed"):  # the other worker holds the other point
                 time.sleep(0.05)
         elif role == "slow":
-            time.sleep(4)  # still running long after the fast worker ran out of points
+            while not noted("fast", "trial-end"):  # the fast worker is out of points ...
+                time.sleep(0.05)
+            time.sleep(1.5)  # ... and this trial still runs: time enough for a fast worker that would not wait to return
         elif role == "doomed":
             time.sleep(1.5)  # its heartbeat is recorded
             os.kill(os.getpid(), signal.SIGKILL)
@@ -259,15 +271,16 @@ def test_a_worker_out_of_points_returns_only_after_the_other_workers_trial_finis
     done = _paced_workers(pg_database, events, ("fast", "slow"), repo_dir)
     assert all(rc == 0 for rc, _ in done.values()), done
     log = [json.loads(line) for line in events.read_text().splitlines()]
-    at = {(e["role"], e["what"]): e for e in log}
+    at = {(e["role"], e["what"]): i for i, e in enumerate(log)}  # the order of events (appends to one file)
     assert {e["lr"] for e in log if e["what"] == "trial"} == {0.01, 0.02}  # one point each
-    # The fast worker ran out of grid points while the slow one's trial ran: it waited for it.
-    assert at["fast", "trial-end"]["time"] + 2 < at["slow", "trial-end"]["time"] <= at["fast", "returned"]["time"]
-    seen_by_fast = at["fast", "returned"]["summary"]
+    # The fast worker ran out of grid points while the slow one's trial ran: it waited for it to end.
+    assert at["slow", "trial"] < at["fast", "trial-end"] < at["slow", "trial-end"] < at["fast", "returned"]
+    seen_by_fast = log[at["fast", "returned"]]["summary"]
     assert seen_by_fast["complete"] == 2 and seen_by_fast["running"] == 0
     assert seen_by_fast["best_params"] == {"train.lr": 0.02}  # the slow worker's point, the better one
 
 
+@pytest.mark.slow  # a worker process killed mid-trial, its heartbeat's grace waited out in real time
 def test_a_waiting_worker_takes_over_the_point_of_a_worker_that_died(tmp_path, repo_dir):
     events = tmp_path / "events.jsonl"
     done = _paced_workers(f"sqlite:///{tmp_path / 'optuna.db'}", events, ("fast", "doomed"), repo_dir)

@@ -17,11 +17,12 @@ from components.method.model import PromptedLM, PromptEncoder, export_prompt, lo
 from components.method.templates import collate, encode, parse_template, piece_ids
 from components.method.model import export_lm
 from components.mlops.serving import NotServable, PromptPredictor, check_servable
-from components.mlops.tracking import CHAMPION, Tracker
+from components.mlops.champion import CHAMPION
+from components.mlops.tracking import Tracker
 from components.models.catalog import load_lm
 from components.run_config import resolve
 from services import free_port, service_env, start, stop, wait_http
-from test_tracking import CITIES, PEOPLE, lama_prompt, make_lama
+from helpers.lama import CITIES, PEOPLE, lama_prompt, make_lama
 
 BIN = Path(sys.executable).parent
 NO_PICKLE = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
@@ -54,7 +55,7 @@ PAIRS = [{"premise": "A dog runs in the park", "hypothesis": "An animal moves"},
 
 
 def test_lama_prompt_served_over_http_answers_as_the_evaluation_predicts(mlflow_server, tmp_path):
-    data = make_lama(tmp_path / "lama")
+    data = make_lama(tmp_path / "lama", n_train=24)
     config = resolve("lama", {"task": "P19", "model": "tiny-gpt2", "data_dir": str(data), "train.max_steps": 6,
                               "train.eval_every": 3, "train.batch_size": 4, "train.lr": 0.05, "train.precision": "fp32"})
     tracker = Tracker(mlflow_server.uri, "serving")
@@ -192,7 +193,7 @@ def test_superglue_prompt_served_over_http_refuses_text_outside_its_limits(mlflo
         stop(server)
 
 
-def test_superglue_prompt_answers_its_labels_through_the_verbalizer(tmp_path, monkeypatch):
+def test_superglue_prompt_answers_its_labels_through_the_verbalizer(tmp_path, monkeypatch, new_mlflow_db):
     prompt_dir = superglue_prompt(tmp_path / "rte")
     answers = PromptPredictor(prompt_dir).predict(PAIRS, top_k=2)
     scores = independent_scores(prompt_dir, PAIRS, ["Yes", "No"])
@@ -203,7 +204,7 @@ def test_superglue_prompt_answers_its_labels_through_the_verbalizer(tmp_path, mo
     import mlflow
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "superglue")
+    tracker = Tracker(f"sqlite:///{new_mlflow_db(tmp_path / 'mlflow.db')}", "superglue")
     with tracker.trial_run("final", {}):
         version = tracker.register_prompt(prompt_dir, None, {"dev.score": 0.5, "val.score": 0.5}, report_key="val.score")
     assert version.name == "ptuning-superglue-rte-fewshot-tiny-gpt2"
@@ -212,7 +213,7 @@ def test_superglue_prompt_answers_its_labels_through_the_verbalizer(tmp_path, mo
     assert "labels entailment ('Yes'), not_entailment ('No')" in version.description
 
 
-def test_a_jointly_tuned_prompt_is_served_with_its_own_lm_weights(tmp_path):
+def test_a_jointly_tuned_prompt_is_served_with_its_own_lm_weights(tmp_path, new_mlflow_db):
     tuned = load_lm("tiny-gpt2")
     with torch.no_grad():  # "training" moved the LM away from the catalogue's weights
         torch.manual_seed(1)
@@ -228,7 +229,7 @@ def test_a_jointly_tuned_prompt_is_served_with_its_own_lm_weights(tmp_path):
     with_base = independent_scores(prompt_dir, PAIRS, ["Yes", "No"]).softmax(-1)
     assert not torch.allclose(with_tuned, with_base, atol=1e-3)  # the weights matter, so the check below can fail
     assert [a["top_k_scores"][0] for a in answers] == pytest.approx(with_tuned.max(-1).values.tolist(), abs=1e-5)
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "joint")
+    tracker = Tracker(f"sqlite:///{new_mlflow_db(tmp_path / 'mlflow.db')}", "joint")
     with tracker.trial_run("final", {}):
         version = tracker.register_prompt(prompt_dir, None, {"dev.score": 0.5})
     import mlflow

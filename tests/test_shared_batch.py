@@ -1,7 +1,6 @@
 """The shared-batch trainer (components/benchmarks/lama/shared.py) against one-relation training on real facts."""
 import logging
 import re
-import shutil
 
 from dataclasses import replace
 
@@ -9,27 +8,13 @@ import pytest
 import torch
 
 from components.benchmarks.lama.run import run_relation
-from components.benchmarks.lama.shared import Heartbeat, Job, PoolCheckpoint, load_relations, state_digest, train_shared
+from components.benchmarks.lama.pool_state import Heartbeat, PoolCheckpoint, state_digest
+from components.benchmarks.lama.shared import Job, load_relations, train_shared
 from components.method.model import load_prompt
 from components.models.catalog import load_lm
 from components.run_config import resolve
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
-
-
-@pytest.fixture(scope="module")
-def small_lama(lama_data_dir, tmp_path_factory):
-    """data/lama with two relations cut short: P36 16 training facts (2 steps an epoch), P1376 40 (5)."""
-    out = tmp_path_factory.mktemp("small_lama")
-    shutil.copy(lama_data_dir / "relations.jsonl", out)
-    for relation, n_train in (("P36", 16), ("P1376", 40)):
-        target = out / "29k" / relation
-        target.mkdir(parents=True)
-        for split, n in (("train", n_train), ("dev", 12), ("test", 20)):
-            lines = (lama_data_dir / "29k" / relation / f"{split}.jsonl").read_text().splitlines()[:n]
-            (target / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    shutil.copy(lama_data_dir / "29k" / "vocab.json", out / "29k")
-    return out
 
 
 def _config(data_dir, task, encoder="lstm", init="random", **train):

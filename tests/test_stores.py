@@ -18,7 +18,7 @@ def test_mlflow_logs_and_reads_back_a_run_in_postgresql(pg_database, tmp_path):
     # A fresh process with only the environment variable, as a user sets it; MLflow migrates the new database.
     script = textwrap.dedent("""
         import json, mlflow
-        from components.mlops.tracking import check_reachable
+        from components.mlops.stores import check_reachable
         check_reachable(mlflow.get_tracking_uri())
         experiment = mlflow.create_experiment("stores", artifact_location=%r)
         with mlflow.start_run(experiment_id=experiment, run_name="pg") as run:

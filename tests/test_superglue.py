@@ -363,8 +363,12 @@ def _run(fewglue_dir, tmp_path, **overrides):
         assert key in metrics
     # every figure names its split: no flat `acc` or `score` at the top
     assert not {"acc", "score", "dev_score", "val_score", "f1a", "em"} & set(metrics)
-    flat = flatten(metrics)
-    assert 0.0 <= flat["dev.score"] <= 1.0 and 0.0 <= flat["val.score"] <= 1.0
+    for split in ("dev", "val"):  # a task's score is the mean of its metrics, the run's the mean of its tasks'
+        tasks = metrics["tasks"]
+        for name, task in tasks.items():
+            names = TASKS[name].metrics
+            assert task[split]["score"] == pytest.approx(sum(task[split][n] for n in names) / len(names))
+        assert metrics[split]["score"] == pytest.approx(sum(t[split]["score"] for t in tasks.values()) / len(tasks))
     assert not (tmp_path / "checkpoint").exists()  # removed after a finished run
     return metrics
 
@@ -706,4 +710,6 @@ def test_smollm2_reads_rte_zero_shot(fewglue_dir, tmp_path):
                                    "method": "manual-zeroshot", "max_eval_examples": 16, "eval_batch_size": 16})
     metrics = run(config, tmp_path)
     task = metrics["tasks"]["rte"]
-    assert task["n_val"] == 16 and 0.0 <= metrics["val"]["acc"] <= 1.0 and task["steps"] == 0
+    assert task["n_val"] == 16 and task["steps"] == 0
+    right = metrics["val"]["acc"] * task["n_val"]
+    assert right == pytest.approx(round(right), abs=1e-6)  # accuracy counts right answers over the 16 examples

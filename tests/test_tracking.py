@@ -2,69 +2,64 @@
 per-step metrics, git and DVC data-version tags, the experiment's kind, and the registry's `champion`, which
 goes to the best dev selection score, never to the newest or the best test figure."""
 import json
+import math
 import os
 import subprocess
 import sys
-import time
+import urllib.request
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import torch
+import sqlalchemy
 
 import components.benchmarks.lama.run as lama
-from components.method.model import PromptEncoder, export_prompt
-from components.method.templates import lama_template
 from components.mlops.serving import NotServable
-from components.mlops.tracking import (CHALLENGER, CHAMPION, DEFAULT_URI, EXPERIMENT_KIND, Tracker, TrackingUnreachable,
-                                       check_reachable, dvc_lock_tags, registered_name, tracking_uri)
+from components.mlops.champion import CHALLENGER, CHAMPION, registered_name
+from components.mlops.provenance import dvc_lock_tags
+from components.mlops.stores import CHECK_TIMEOUT, DEFAULT_TRACKING, TrackingUnreachable, check_reachable, tracking_store
+from components.mlops.tracking import EXPERIMENT_KIND, Tracker
 from components.run_config import resolve
+from helpers.lama import lama_prompt, make_lama
 
-CITIES = ("Paris London Berlin Rome Madrid Tokyo Vienna Moscow Prague Dublin Athens Lisbon Warsaw Cairo Delhi "
-          "Chicago Boston Toronto Sydney Oslo").split()
-PEOPLE = [f"Person{i}" for i in range(40)]
-
-
-def make_lama(root: Path) -> Path:
-    """A LAMA-shaped data dir: relation P19, 24/8/8 facts, a 20-word vocabulary (one GPT-2 token each)."""
-    relation = root / "29k" / "P19"
-    relation.mkdir(parents=True)
-    (root / "29k" / "vocab.json").write_text(json.dumps(sorted(CITIES)))
-    (root / "relations.jsonl").write_text(json.dumps({"relation": "P19", "template": "[X] was born in [Y] ."}) + "\n")
-    facts = [{"sub_label": p, "obj_label": CITIES[i % 5]} for i, p in enumerate(PEOPLE)]
-    for split, rows in (("train", facts[:24]), ("dev", facts[24:32]), ("test", facts[32:])):
-        (relation / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
-def lama_prompt(directory: Path, seed: int, **extra) -> Path:
-    """An untrained LAMA prompt for tiny-gpt2 with its vocabulary, exported as the runner does."""
-    torch.manual_seed(seed)
-    meta = {"benchmark": "lama", "task": "P19", "vocab": "29k", "causal": True, **extra}
-    prompt_dir = export_prompt(PromptEncoder(6, 32, "mlp"), directory, lama_template([3, 3, 3], causal=True), "tiny-gpt2", meta)
-    (prompt_dir / "vocab.json").write_text(json.dumps(CITIES))
-    return prompt_dir
-
-
-def test_tracking_uri_precedence_and_registered_names(monkeypatch):
+def test_tracking_store_precedence_and_registered_names(monkeypatch, tmp_path):
+    """An explicit override > MLFLOW_TRACKING_URI > params/tracking.yaml `uri` > the embedded default, in the checkout."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri({}) == DEFAULT_URI == "sqlite:///mlflow.db"
-    assert tracking_uri({"uri": "http://tracking:5000"}) == "http://tracking:5000"
+    assert DEFAULT_TRACKING == "sqlite:///mlflow.db"
+    assert tracking_store({}, {}, tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    assert tracking_store({}, {"uri": "http://tracking:5000"}, tmp_path) == "http://tracking:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
-    assert tracking_uri({"uri": "http://tracking:5000"}) == "http://elsewhere:5000"
+    assert tracking_store({}, {"uri": "http://tracking:5000"}, tmp_path) == "http://elsewhere:5000"
+    assert tracking_store({"tracking.uri": "http://chosen:5000"}, {"uri": "http://tracking:5000"}, tmp_path) == "http://chosen:5000"
     assert registered_name("lama", "P19", "smollm2-135m", "29k") == "ptuning-lama-P19-29k-smollm2-135m"
     assert registered_name("superglue", "rte", "openai/gpt2 medium", "fewshot") == "ptuning-superglue-rte-fewshot-openai-gpt2-medium"
 
 
 @pytest.mark.parametrize("uri", ["http://127.0.0.1:1", "postgresql://127.0.0.1:1/x"])
-def test_unreachable_store_fails_fast(uri):
-    started = time.time()
+def test_unreachable_store_fails_fast(uri, monkeypatch):
+    """Fast by construction, whatever the machine's speed: one connection attempt, bounded by the check's short
+    timeout, then TrackingUnreachable naming the store; MLflow's client (which retried for minutes) is never made."""
+    attempts = []  # the timeout of every connection attempt, in seconds
+    urlopen, create_engine = urllib.request.urlopen, sqlalchemy.create_engine
+
+    def spy_urlopen(request, timeout):
+        attempts.append(timeout)
+        return urlopen(request, timeout=timeout)
+
+    def spy_create_engine(url, connect_args, **kwargs):
+        attempts.append(connect_args["connect_timeout"])
+        return create_engine(url, connect_args=connect_args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", spy_urlopen)
+    monkeypatch.setattr(sqlalchemy, "create_engine", spy_create_engine)
+    monkeypatch.setattr("mlflow.MlflowClient", lambda *a, **k: pytest.fail("MLflow's client was made"))
     with pytest.raises(TrackingUnreachable, match=uri.replace(".", r"\.")):
-        check_reachable(uri, timeout=3)
+        check_reachable(uri, timeout=2)
+    assert len(attempts) == 1 and 0 < attempts[0] <= 2
     with pytest.raises(TrackingUnreachable, match=uri.replace(".", r"\.")):
         Tracker(uri, "never")
-    assert time.time() - started < 10
+    assert len(attempts) == 2 and 0 < attempts[1] <= math.ceil(CHECK_TIMEOUT)
 
 
 @pytest.mark.parametrize("uri", ["http://127.0.0.1:9", "postgresql://nobody@127.0.0.1:1/x", "sqlite:///absent.db"])
@@ -127,8 +122,7 @@ def test_embedded_store_nests_runs_logs_steps_and_tags_git_and_data(tmp_path, mo
     subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
-    tracker = Tracker(tracking_uri({}), "embedded", log_every=1)
-    assert tracker.uri == "sqlite:///mlflow.db"
+    tracker = Tracker(DEFAULT_TRACKING, "embedded", log_every=1)
     with tracker.parent_run("flow", {"task": "P19"}) as parent:
         with tracker.trial_run("trial-0", {"train": {"lr": 0.1}}) as trial:
             cb = tracker.callback()
@@ -159,13 +153,13 @@ def test_embedded_store_nests_runs_logs_steps_and_tags_git_and_data(tmp_path, mo
         (1, 0.75), (2, (1 / 3 + 0.25) / 2)]
 
 
-def test_each_store_keeps_its_own_artifacts(tmp_path, monkeypatch):
+def test_each_store_keeps_its_own_artifacts(tmp_path, monkeypatch, new_mlflow_db):
     """Two SQLite stores used from one folder (sqlite:///a.db, sqlite:///b.db) once both put their artifacts in that
     folder's mlruns/<experiment id>/: the same folders for their first experiments. Each keeps them beside its file."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "elsewhere").mkdir()
     places = {}
     for store in ("a.db", "b.db", "elsewhere/c.db"):
+        new_mlflow_db(tmp_path / store)
         tracker = Tracker(f"sqlite:///{store}", "same-name")
         with tracker.trial_run("run", {}) as run:
             tracker.log_result({"test": {"p1": 0.5}})
@@ -192,8 +186,8 @@ def test_a_database_store_keeps_its_artifacts_under_its_own_name(pg_database, tm
     assert (place / "metrics.json").is_file()
 
 
-def test_champion_is_the_best_dev_score_and_test_figures_never_decide(tmp_path, capfd):
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "champions")
+def test_champion_is_the_best_dev_score_and_test_figures_never_decide(tmp_path, capfd, new_mlflow_db):
+    tracker = Tracker(f"sqlite:///{new_mlflow_db(tmp_path / 'mlflow.db')}", "champions")
     name = registered_name("lama", "P19", "tiny-gpt2", "29k")
     figures = [  # (dev.score, test.p1): the second has the best test figure but a worse dev score
         (0.50, 0.40), (0.25, 0.90), (0.50, 0.10), (0.75, 0.20)]
@@ -230,8 +224,8 @@ def test_champion_is_the_best_dev_score_and_test_figures_never_decide(tmp_path, 
     assert model.tags["base_model"] == "tiny-gpt2" and "29k vocabulary" in model.tags["answers"]
 
 
-def test_registration_refuses_before_logging_anything(tmp_path):
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "refusals")
+def test_registration_refuses_before_logging_anything(tmp_path, new_mlflow_db):
+    tracker = Tracker(f"sqlite:///{new_mlflow_db(tmp_path / 'mlflow.db')}", "refusals")
     name = registered_name("lama", "P19", "tiny-gpt2", "29k")
     with tracker.trial_run("final", {}):
         tracker.register_prompt(lama_prompt(tmp_path / "ok", 0), name, {"dev.score": 0.5, "test.p1": 0.5})
@@ -249,7 +243,7 @@ def test_registration_refuses_before_logging_anything(tmp_path):
 
 
 def test_server_logs_a_real_run_and_registers_its_prompt(mlflow_server, tmp_path, repo_dir):
-    data = make_lama(tmp_path / "lama")
+    data = make_lama(tmp_path / "lama", n_train=24)
     config = resolve("lama", {"task": "P19", "model": "tiny-gpt2", "data_dir": str(data), "train.max_steps": 6,
                               "train.eval_every": 3, "train.batch_size": 4, "train.lr": 0.01, "train.precision": "fp32",
                               "train.patience": None})

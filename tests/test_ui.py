@@ -4,7 +4,7 @@ registered prompt made through components.mlops.tracking, read by headless Chrom
 figures and the command that trained it; the experiment opens on its training runs, not on the GenAI overview."""
 import pytest
 
-from test_tracking import lama_prompt
+from helpers.lama import lama_prompt
 
 COMMAND = "ptuning train lama --task P19 --model tiny-gpt2 --steps 6"
 WHAT_IT_IS = ["benchmark lama", "task P19", "vocab 29k", "base model tiny-gpt2", "[P*3] {sub} [P*3] [Y]",

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from services import REPO, service_env, start, stop
-from test_flows import flow_logs
+from helpers.prefect import flow_logs
 
 pytestmark = pytest.mark.slow  # two flow runs through two workers: the full tier (make test)
 

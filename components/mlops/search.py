@@ -1,8 +1,8 @@
 """Hyper-parameter search with Optuna: the paper's grid (lr x batch size) by default, TPE or random on
 request, median pruning of trials whose dev score lags, and one study shared by any number of workers.
 
-A study lives in a storage: `sqlite:///optuna.db` by default (one machine), any database URL
-(`postgresql://user@host/db`) for several workers on several machines. Every worker calls
+A study lives in a storage (components.mlops.stores.study_storage): `sqlite:///optuna.db` by default (one
+machine), any database URL (`postgresql://user@host/db`) for several workers on several machines. Every worker calls
 `open_study` + `run_search` with the same study name; with the grid sampler every grid point runs
 exactly once across all of them:
 
@@ -24,75 +24,35 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
 
 from components.common import numeric_metrics, redact_url
-from components.mlops.stores import DEFAULT_STORAGE, StorageUnreachable, check_storage  # noqa: F401  (re-exported)
+from components.mlops.search_space import grid_size, grid_space
+from components.mlops.stores import check_storage
 from components.training import Callback
 
 log = logging.getLogger(__name__)
 
-PAPER_GRID = {"train.lr": [1e-5, 2e-5, 3e-5], "train.batch_size": [16, 32]}
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "none")
 SKIPPED = "skipped"  # user attribute of a trial closed without training
 
-_SPACES: "weakref.WeakKeyDictionary[optuna.Study, dict]" = weakref.WeakKeyDictionary()
+
+@dataclass(frozen=True)
+class _Opened:
+    """What open_study made a study with: its space, and the storage it built (for its heartbeat interval)."""
+    space: dict
+    storage: optuna.storages.RDBStorage
 
 
-# --- the search space -----------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _scalar(key: str, value):
-    if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads `1e-5` as a string
-        number = float(value)
-        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise ValueError(f"search space {key!r}: {value!r} is not a number, string, boolean or null")
-
-
-def grid_space(params_search: dict | None) -> dict[str, list]:
-    """The search space `{dotted.param: [values]}` from params/search.yaml's `space` (the paper's
-    grid, 3 learning rates x 2 batch sizes, when there is none)."""
-    space = (params_search or {}).get("space") or PAPER_GRID
-    if not isinstance(space, dict):
-        raise ValueError(f"search space must be a mapping of dotted parameter -> list of values, got {space!r}")
-    out = {}
-    for key, values in space.items():
-        values = values if isinstance(values, (list, tuple)) else [values]
-        if not values:
-            raise ValueError(f"search space {key!r} has no values")
-        values = [_scalar(key, v) for v in values]
-        if len(set(map(repr, values))) != len(values):
-            raise ValueError(f"search space {key!r} repeats a value: {values}")
-        out[str(key)] = values
-    return out
-
-
-def grid_size(space: dict) -> int:
-    return math.prod(len(v) for v in space.values())
-
-
-def storage_url(params_search: dict | None = None) -> str:
-    """env OPTUNA_STORAGE > params/search.yaml `storage` > sqlite:///optuna.db."""
-    return os.environ.get("OPTUNA_STORAGE") or (params_search or {}).get("storage") or DEFAULT_STORAGE
-
-
-def study_name(benchmark: str, task: str, model: str, method: str = "ptuning", suffix: str = "") -> str:
-    """A readable default study name, e.g. `lama-P19-smollm2-135m-ptuning`."""
-    name = "-".join(str(p) for p in (benchmark, task, model, method, suffix) if p)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+_OPENED: "weakref.WeakKeyDictionary[optuna.Study, _Opened]" = weakref.WeakKeyDictionary()
 
 
 # --- samplers, pruners, storage --------------------------------------------------------------------
@@ -110,20 +70,32 @@ class ExclusiveGridSampler(optuna.samplers.GridSampler):
     def __init__(self, search_space: dict, seed: int | None = None) -> None:
         # Every worker must map grid ids to the same points: one fixed order, whatever the seed.
         super().__init__(search_space, seed=0)
+        self.space = {name: list(values) for name, values in sorted(search_space.items())}  # GridSampler's order
+        self.size = grid_size(self.space)
+
+    def same_space(self, other: dict) -> bool:
+        """Is `other` (a trial's `search_space` system attribute) this grid?"""
+        return {name: list(values) for name, values in other.items()} == self.space
 
     def before_trial(self, study: optuna.Study, trial) -> None:
         if "grid_id" in trial.system_attrs or _requeued(trial.system_attrs):
             return
-        earlier = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        earlier = study.get_trials(deepcopy=False)
         rank = sum(1 for t in earlier if t.number < trial.number and not _requeued(t.system_attrs))
-        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-        if rank < self._n_min_trials:
-            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", rank)
+        _mark(study, trial, "search_space", self.space)
+        if rank < self.size:
+            _mark(study, trial, "grid_id", rank)
         else:
-            study._storage.set_trial_system_attr(trial._trial_id, "grid_extra", True)
+            _mark(study, trial, "grid_extra", True)
 
     def after_trial(self, study, trial, state, values) -> None:
         pass  # GridSampler would stop the study while a re-queued point still waits
+
+
+def _mark(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str, value) -> None:
+    # Optuna has no public API for a sampler to set a trial's system attribute: this is what GridSampler's own
+    # before_trial does, and its sampling reads `grid_id` back (tests/test_search.py pins both).
+    study._storage.set_trial_system_attr(trial._trial_id, key, value)
 
 
 def make_sampler(name: str, space: dict, seed: int | None = 0) -> optuna.samplers.BaseSampler:
@@ -181,7 +153,7 @@ def _rdb_storage(url: str, heartbeat: int | None, grace: int | None, max_retry: 
 
 def open_study(
     study_name: str,
-    storage: str | None,
+    storage: str,
     space: dict,
     sampler: str = "grid",
     seed: int | None = 0,
@@ -194,17 +166,16 @@ def open_study(
     max_retry: int = 2,
     check_timeout: float = 5,
 ) -> optuna.Study:
-    """Create the study or join it (load_if_exists). `storage` None/"": env OPTUNA_STORAGE, else
-    sqlite:///optuna.db (give storage_url(params) to follow params/search.yaml).
-    The storage is checked first: StorageUnreachable (naming the URL) before anything trains.
+    """Create the study or join it (load_if_exists) in the database `storage` (a URL: see
+    components.mlops.stores.study_storage). The storage is checked first: StorageUnreachable (naming the URL)
+    before anything trains.
     `heartbeat` (seconds, database storages): a trial whose worker died is failed after `grace`
     (default 2 x heartbeat) and re-queued, at most `max_retry` times; None turns this off."""
-    url = storage or storage_url(None)  # env OPTUNA_STORAGE, else sqlite:///optuna.db
     space = grid_space({"space": space}) if space is not None else grid_space(None)
     sampler_obj = make_sampler(sampler, space, seed)  # a bad name fails before the storage is touched
     pruner_obj = make_pruner(pruner, pruner_options)
-    check_storage(url, timeout=check_timeout)
-    rdb = _rdb_storage(url, heartbeat, grace, max_retry)
+    check_storage(storage, timeout=check_timeout)
+    rdb = _rdb_storage(storage, heartbeat, grace, max_retry)
     for attempt in range(5):
         try:
             study = optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler_obj, pruner=pruner_obj,
@@ -215,21 +186,21 @@ def open_study(
                 raise
             time.sleep(0.2 + 0.3 * attempt)
     if list(study.directions) != [optuna.study.StudyDirection[direction.upper()]]:
-        raise ValueError(f"study {study_name!r} in {redact_url(url)} optimises {study.directions[0].name.lower()}, "
+        raise ValueError(f"study {study_name!r} in {redact_url(storage)} optimises {study.directions[0].name.lower()}, "
                          f"not {direction}: use another study name")
-    if isinstance(sampler_obj, optuna.samplers.GridSampler):
+    if isinstance(sampler_obj, ExclusiveGridSampler):
         for trial in study.get_trials(deepcopy=False):
             other = trial.system_attrs.get("search_space")
-            if other is not None and not sampler_obj._same_search_space(other):
-                raise ValueError(f"study {study_name!r} in {redact_url(url)} was searched over another grid ({other}); "
-                                 f"this grid is {space}: use another study name")
-    _SPACES[study] = space
+            if other is not None and not sampler_obj.same_space(other):
+                raise ValueError(f"study {study_name!r} in {redact_url(storage)} was searched over another grid "
+                                 f"({other}); this grid is {space}: use another study name")
+    _OPENED[study] = _Opened(space, rdb)
     try:  # for people reading the study (optuna-dashboard); concurrent workers write the same value
         if study.user_attrs.get("search_space") != space:
             study.set_user_attr("search_space", space)
     except Exception:
         pass
-    log.info("study %s in %s: %s sampler over %s, %s pruner", study_name, redact_url(url), sampler, space, pruner)
+    log.info("study %s in %s: %s sampler over %s, %s pruner", study_name, redact_url(storage), sampler, space, pruner)
     return study
 
 
@@ -279,10 +250,10 @@ class PruningCallback(Callback):
 def _space_of(study: optuna.Study, space: dict | None) -> dict:
     if space is not None:
         return grid_space({"space": space})
-    if study in _SPACES:
-        return _SPACES[study]
-    if isinstance(study.sampler, optuna.samplers.GridSampler):
-        return dict(study.sampler._search_space)
+    if study in _OPENED:
+        return _OPENED[study].space
+    if isinstance(study.sampler, ExclusiveGridSampler):
+        return dict(study.sampler.space)
     if "search_space" in study.user_attrs:
         return grid_space({"space": study.user_attrs["search_space"]})
     raise ValueError("run_search: the study was not opened with open_study; pass space=")
@@ -309,8 +280,9 @@ def _running(study: optuna.Study) -> list[int]:
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
-def _system_attrs(trial: optuna.Trial) -> dict:
-    return trial.storage.get_trial_system_attrs(trial._trial_id)
+def _system_attrs(study: optuna.Study, trial: optuna.Trial) -> dict:
+    """A running trial's system attributes (an optuna.Trial shows none), as the study's trials record them."""
+    return next(t.system_attrs for t in study.get_trials(deepcopy=False) if t.number == trial.number)
 
 
 def run_search(
@@ -346,7 +318,7 @@ def run_search(
     n_grid = grid_size(space)
     if not is_grid and n_trials is None and total_trials is None:
         raise ValueError(f"run_search: the {type(study.sampler).__name__} never runs out of points; give n_trials or total_trials")
-    heartbeat = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    heartbeat = _OPENED[study].storage.get_heartbeat_interval() if study in _OPENED else None
     ran = {"trials": 0, "optimized": False}
 
     def finished_count() -> int:
@@ -355,11 +327,11 @@ def run_search(
 
     def objective(trial: optuna.Trial) -> float:
         ran["trials"] += 1
-        if is_grid and _system_attrs(trial).get("grid_extra"):
+        if is_grid and _system_attrs(study, trial).get("grid_extra"):
             trial.set_user_attr(SKIPPED, "every grid point was already taken by another worker")
             study.stop()
             raise optuna.TrialPruned(f"trial {trial.number}: grid exhausted, skipped")
-        retry_of = _system_attrs(trial).get("failed_trial")
+        retry_of = _system_attrs(study, trial).get("failed_trial")
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
         point = {key: trial.suggest_categorical(key, values) for key, values in space.items()}

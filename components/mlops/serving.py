@@ -33,6 +33,7 @@ What a request may hold (anything else is a 400 naming the field and the limit; 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from importlib.metadata import PackageNotFoundError, version
@@ -128,32 +129,27 @@ def requirements() -> list[str]:
     return pins
 
 
-class PromptPredictor:
-    """A prompt directory (or a model's `prompt` artifact) loaded with its LM: answers rows of input fields."""
+class ServedPrompt:
+    """What one prompt answers and may be asked, over an LM loaded elsewhere (alone, or shared by a bank):
+    its template and fields, its answers and their token ids, and the limits of a request."""
 
-    def __init__(self, prompt_dir: str | Path):
-        import torch
-
+    def __init__(self, directory: Path, meta: dict, tokenizer, causal: bool, lm_config, answers_cache: dict | None = None):
         from components.benchmarks import get_benchmark
-        from components.method.model import PromptedLM, load_prompt
         from components.method.templates import parse_template
-        from components.models.catalog import load_lm
 
-        directory = Path(prompt_dir)
-        self.meta = check_servable(directory)
-        prompt, _ = load_prompt(directory)
-        lm = load_lm(str(directory / LM_DIR) if (directory / LM_DIR).is_dir() else self.meta["base_model"])
-        self.tokenizer, self.causal = lm.tokenizer, lm.causal
-        self.template = parse_template(self.meta["template"])
-        self.fields = input_fields(self.meta)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval().to(self.device)
-        self.answers, ids = get_benchmark(self.meta["benchmark"]).answers(self.meta, directory, self.tokenizer)
-        self.truncate = self.meta.get("truncate")
-        self.candidate_ids = torch.tensor(ids, device=self.device)
-        config = lm.model.config
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
-        self.max_length = min(int(self.meta.get("max_length") or limit), int(limit))
+        self.directory, self.meta, self.tokenizer, self.causal = directory, meta, tokenizer, causal
+        self.template = parse_template(meta["template"])
+        self.fields = input_fields(meta)
+        # a bank's LAMA prompts share one vocabulary: its answers are tokenised once (`answers_cache`)
+        vocab = directory / "vocab.json"
+        key = (meta["benchmark"], hashlib.sha256(vocab.read_bytes()).hexdigest()) if vocab.is_file() else None
+        cache = answers_cache if answers_cache is not None and key else {}
+        if key not in cache:
+            cache[key] = get_benchmark(meta["benchmark"]).answers(meta, directory, tokenizer)
+        self.answers, self.answer_ids = cache[key]
+        self.truncate = meta.get("truncate")
+        limit = getattr(lm_config, "max_position_embeddings", None) or getattr(lm_config, "n_positions", None) or 512
+        self.max_length = min(int(meta.get("max_length") or limit), int(limit))
         self.room = self.max_length - self._fixed_tokens()  # tokens the template leaves for its input fields
 
     def _fixed_tokens(self) -> int:
@@ -171,25 +167,23 @@ class PromptPredictor:
                 fixed += 1
         return fixed
 
-    def missing(self, rows: list[dict]) -> list[str]:
-        return [f for f in self.fields if any(f not in row or row[f] is None for row in rows)]
-
-    def check(self, rows: list[dict], top_k) -> None:
+    def check(self, rows: list[dict], top_k, numbers: list[int] | None = None) -> None:
         """Refuse what the model cannot answer as asked (InvalidQuery names the field and its limit): top_k out of
-        1..MAX_TOP_K, an empty text field, a field longer than the room the template leaves in the model's max
-        input length, fields too long together unless the task's `truncate` slot absorbs it (as in training)."""
+        1..MAX_TOP_K, a missing or non-string field, an empty text field, a field longer than the room the template
+        leaves in the model's max input length, fields too long together unless the task's `truncate` slot absorbs
+        it (as in training). `numbers`: the rows' places in the request (default 0, 1, ...)."""
         from components.method.templates import piece_ids
 
         if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= top_k <= MAX_TOP_K:
             raise InvalidQuery(f"params.top_k={top_k!r}: top_k must be an integer from 1 to {MAX_TOP_K} "
                                f"(answers per row; this prompt has {len(self.answers)} candidates)")
-        missing = self.missing(rows)
+        missing = [f for f in self.fields if any(f not in row or row[f] is None for row in rows)]
         if missing:
             raise InvalidQuery(f"input lacks field(s) {missing}: the template {self.meta['template']!r} reads {self.fields}")
         limit = (f"a text field holds 1 to {self.room} tokens (the model reads at most {self.max_length}, "
                  f"the template takes {self.max_length - self.room})")
         slots = [(i, part.value) for i, part in enumerate(self.template.parts) if part.kind == "slot"]
-        for n, row in enumerate(rows):
+        for n, row in zip(numbers or range(len(rows)), rows):
             lengths: dict[str, list[int]] = {}
             for i, name in slots:
                 value = row[name]
@@ -208,29 +202,85 @@ class PromptPredictor:
                 raise InvalidQuery(f"inputs[{n}]: the fields {sorted(lengths)} are {excess + self.room} tokens long together, "
                                    f"at most {self.room} fit{absorb}")
 
-    def predict(self, rows: list[dict], top_k: int = 5, batch_size: int = 32) -> list[dict]:
-        """One Answer (as a dict) per row; a request outside the limits (`check`) fails with InvalidQuery, a
-        ValueError naming the field and its limit."""
+    def encode(self, row: dict, prompt_offset: int = 0):
+        """The row as the LM reads it; `prompt_offset`: where this prompt's vectors start in a bank's stack."""
+        from components.method.templates import encode
+
+        encoded = encode(self.template, self.tokenizer, {f: row[f] for f in self.fields}, self.causal,
+                         n_target_tokens=1, max_length=self.max_length, truncate=self.truncate)
+        if prompt_offset:
+            encoded.prompt_index = [i + prompt_offset if i >= 0 else i for i in encoded.prompt_index]
+        return encoded
+
+    def answer(self, logits, top_k: int) -> dict:
+        """An Answer (as a dict) from one row's logits over this prompt's answers."""
+        probs = logits.float().softmax(-1)
+        best = int(logits.argmax(-1))  # the evaluation's argmax (LAMA precision_at_1, SuperGLUE predict)
+        top_p, top_i = probs.topk(min(int(top_k), probs.shape[-1]))
+        return {"prediction": self.answers[best], "score": float(probs[best]),
+                "top_k": [self.answers[int(i)] for i in top_i], "top_k_scores": [float(p) for p in top_p]}
+
+
+def answer_rows(model, served: list[ServedPrompt], encoded: list, top_k: int, pad: int, device,
+                batch_size: int = 32) -> list[dict]:
+    """Answers to rows that may each read another prompt (`served[i]` answers row i) over one LM: sorted by length,
+    in chunks, each row's logits taken over its own prompt's answers."""
+    import torch
+
+    from components.method.templates import collate
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    out: list[dict | None] = [None] * len(encoded)
+    shared = len({id(s) for s in served}) == 1  # one prompt: the logits over its answers alone, as evaluation reads them
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad).items()}
+            ids = torch.tensor(served[rows[0]].answer_ids, device=device) if shared else None
+            logits = model(**batch, candidate_ids=ids)[:, 0]
+            for j, i in enumerate(rows):
+                row_logits = logits[j] if shared else logits[j, torch.tensor(served[i].answer_ids, device=device)]
+                out[i] = served[i].answer(row_logits, top_k)
+    return out
+
+
+class PromptPredictor:
+    """A prompt directory (or a model's `prompt` artifact) loaded with its LM: answers rows of input fields."""
+
+    def __init__(self, prompt_dir: str | Path):
         import torch
 
-        from components.method.templates import collate, encode, pad_id
+        from components.method.model import PromptedLM, load_prompt
+        from components.method.templates import pad_id
+        from components.models.catalog import load_lm
 
-        self.check(rows, top_k)
-        encoded = [encode(self.template, self.tokenizer, {f: row[f] for f in self.fields}, self.causal,
-                          n_target_tokens=1, max_length=self.max_length, truncate=self.truncate) for row in rows]
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                batch = {k: v.to(self.device) for k, v in collate(encoded[start:start + batch_size], pad_id(self.tokenizer)).items()}
-                logits = self.model(**batch, candidate_ids=self.candidate_ids)[:, 0].float()
-                probs = logits.softmax(-1)
-                best = logits.argmax(-1)  # the evaluation's argmax (LAMA precision_at_1, SuperGLUE predict)
-                top_p, top_i = probs.topk(min(int(top_k), probs.shape[-1]), dim=-1)
-                for row in range(len(best)):
-                    out.append({"prediction": self.answers[int(best[row])], "score": float(probs[row, best[row]]),
-                                "top_k": [self.answers[int(i)] for i in top_i[row]],
-                                "top_k_scores": [float(p) for p in top_p[row]]})
-        return out
+        directory = Path(prompt_dir)
+        self.meta = check_servable(directory)
+        prompt, _ = load_prompt(directory)
+        lm = load_lm(str(directory / LM_DIR) if (directory / LM_DIR).is_dir() else self.meta["base_model"])
+        self.served = ServedPrompt(directory, self.meta, lm.tokenizer, lm.causal, lm.model.config)
+        self.fields, self.tokenizer, self.pad = self.served.fields, lm.tokenizer, pad_id(lm.tokenizer)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval().to(self.device)
+
+    def predict(self, rows: list[dict], top_k: int = 5, batch_size: int = 32) -> list[dict]:
+        """One Answer (as a dict) per row; a request outside the limits (`ServedPrompt.check`) fails with
+        InvalidQuery, a ValueError naming the field and its limit."""
+        self.served.check(rows, top_k)
+        encoded = [self.served.encode(row) for row in rows]
+        return answer_rows(self.model, [self.served] * len(rows), encoded, top_k, self.pad, self.device, batch_size)
+
+
+def answer_request(predictor, model_input: list, params: dict | None) -> list[dict]:
+    """A served model's `predict` (prompt_model.py, bank_model.py): the request's rows answered; a row outside the
+    limits is an INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with a 400 and its message."""
+    from mlflow.exceptions import MlflowException
+
+    rows = [row.model_dump() if isinstance(row, BaseModel) else dict(row) for row in model_input]
+    try:
+        return predictor.predict(rows, top_k=(params or {}).get("top_k", 5))
+    except InvalidQuery as error:
+        raise MlflowException.invalid_parameter_value(str(error)) from None
 
 
 def log_prompt_model(prompt_dir: str | Path, *, run_id: str, registered_model_name: str | None = None,
@@ -271,17 +321,28 @@ def _example_value(field: str) -> str:
 
 
 def load(model: str):
-    """`ptuning predict --model`: a local prompt directory directly, or a `models:/...` URI (any MLflow model
-    URI) through pyfunc. Returns (the request fields, predict(rows, top_k) -> a list of answer dicts)."""
-    if Path(model).expanduser().is_dir():
-        predictor = PromptPredictor(Path(model).expanduser())
-        return predictor.fields, lambda rows, top_k=5: predictor.predict(rows, top_k=top_k)
+    """`ptuning predict --model`: a local prompt or bank directory directly, or a `models:/...` URI (any MLflow
+    model URI) through pyfunc. Returns (the fields a row may hold, those every row must hold, predict(rows, top_k)
+    -> a list of answer dicts). A bank's rows name their task (components/mlops/bank.py)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        from components.mlops.bank import BANK_FILE, BankPredictor
+
+        if (path / BANK_FILE).is_file():
+            bank = BankPredictor(path)
+            return ["task", *bank.fields], ["task"], lambda rows, top_k=5: bank.predict(rows, top_k=top_k)
+        predictor = PromptPredictor(path)
+        return predictor.fields, predictor.fields, lambda rows, top_k=5: predictor.predict(rows, top_k=top_k)
     import mlflow
 
     from mlflow.exceptions import MlflowException
 
     loaded = mlflow.pyfunc.load_model(model)
-    fields = input_fields(loaded.metadata.metadata["ptuning"])
+    meta = loaded.metadata.metadata
+    if "ptuning_bank" in meta:
+        fields, required = ["task", *meta["fields"]], ["task"]
+    else:
+        fields = required = input_fields(meta["ptuning"])
 
     def predict(rows: list[dict], top_k: int = 5) -> list[dict]:
         try:  # the rows' other keys (an input file's extra columns) are not the request's
@@ -289,4 +350,4 @@ def load(model: str):
         except MlflowException as error:
             raise InvalidQuery(error.message) from None
 
-    return fields, predict
+    return fields, required, predict

@@ -1,7 +1,9 @@
-"""The stores a run writes to, checked before any training starts: MLflow's tracking store (a server, a database,
-a folder) and Optuna's study storage (a database). An unreachable one is reported in one line, within a short
-timeout, by `check_reachable` (tracking) and `check_storage` (Optuna), which tracking.py and search.py re-export.
-This module imports neither MLflow nor Optuna, so an entry point checks its stores before loading them.
+"""The stores a run writes to: MLflow's tracking store (a server, a database, a folder) and Optuna's study storage
+(a database). Which one a run uses (`tracking_store`, `study_storage`: an explicit override, the environment, the
+params file, else the embedded SQLite default), and whether it answers, checked before any training starts: an
+unreachable one is reported in one line, within a short timeout, by `check_reachable` (tracking) and
+`check_storage` (Optuna). This module imports neither MLflow nor Optuna, so an entry point checks its stores
+before loading them.
 
 Both hand a database URL to SQLAlchemy unchanged: `sqlite:///path.db`, or `postgresql://user@host:5432/db`,
 which SQLAlchemy 2.1 opens with psycopg (v3, a dependency; `postgresql+psycopg2://` needs psycopg2 installed)."""
@@ -17,9 +19,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from components.common import redact_url
+from components.config import in_root
 
 log = logging.getLogger(__name__)
 
+# The stores of a run that names none: SQLite files in the checkout, no server to run.
 DEFAULT_TRACKING = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 
@@ -29,8 +33,8 @@ CHECK_TIMEOUT = 3.0
 
 
 class StoreUnreachable(RuntimeError):
-    """A tracking store or study storage that cannot be used (tracking.TrackingUnreachable,
-    search.StorageUnreachable): the entry points report its message as one line, exit 2, before any work."""
+    """A tracking store or study storage that cannot be used (TrackingUnreachable, StorageUnreachable): the
+    entry points report its message as one line, exit 2, before any work."""
 
 
 class TrackingUnreachable(StoreUnreachable):
@@ -40,6 +44,33 @@ class TrackingUnreachable(StoreUnreachable):
 class StorageUnreachable(StoreUnreachable):
     """The study's storage cannot be opened: raised before any training starts."""
 
+
+# --- which store ------------------------------------------------------------------------------
+
+def tracking_store(overrides: dict, tracking: dict, root: Path) -> str:
+    """MLflow's store: the override `tracking.uri` > MLFLOW_TRACKING_URI > params/tracking.yaml `uri` (`tracking`)
+    > DEFAULT_TRACKING."""
+    return _chosen(overrides.get("tracking.uri"), "MLFLOW_TRACKING_URI", tracking.get("uri"), DEFAULT_TRACKING, root)
+
+
+def study_storage(overrides: dict, search: dict, root: Path) -> str:
+    """Optuna's storage: the override `search.storage` > OPTUNA_STORAGE > params/search.yaml `storage` (`search`)
+    > DEFAULT_STORAGE."""
+    return _chosen(overrides.get("search.storage"), "OPTUNA_STORAGE", search.get("storage"), DEFAULT_STORAGE, root)
+
+
+def _chosen(explicit: str | None, env: str, configured: str | None, default: str, root: Path) -> str:
+    return absolute_sqlite(str(explicit or os.environ.get(env) or configured or default), root)
+
+
+def absolute_sqlite(url: str, root: Path) -> str:
+    """`sqlite:///rel.db` relative to the checkout (a served or worker run has another cwd)."""
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:////") or url in ("sqlite:///", "sqlite:///:memory:"):
+        return url
+    return "sqlite:///" + str(in_root(url[len("sqlite:///"):], root).resolve())
+
+
+# --- does it answer: a database --------------------------------------------------------------
 
 class DatabaseUnreachable(Exception):
     """The reason a database URL cannot be used; callers name the store it was meant for."""
@@ -146,3 +177,12 @@ def check_storage(url: str, timeout: float = CHECK_TIMEOUT) -> None:
         raise StorageUnreachable(f"Optuna storage {redact_url(url)} is unreachable: {reason} (is the database server "
                                  f"running, and does the database exist? e.g. {DEFAULT_STORAGE} or "
                                  "postgresql://user@host:5432/db)") from None
+
+
+# --- both, before a flow's work ---------------------------------------------------------------
+
+def check_stores(tracking_uri: str, storage: str) -> None:
+    """MLflow's store and Optuna's storage answer, each within a short timeout; else TrackingUnreachable /
+    StorageUnreachable (both StoreUnreachable), naming the URL and what to do."""
+    check_reachable(tracking_uri)
+    check_storage(storage)

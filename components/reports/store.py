@@ -22,13 +22,26 @@ def unit_name(task: str, seed: int | None) -> str:
 
 class UnitStore:
     """`<root>/<method>/<task>-s<seed>.json`, each holding the hash of the settings that produced it: a unit of
-    other settings is not reused (it is recomputed and overwritten)."""
+    other settings is not reused (it is recomputed and overwritten). `clock` gives the time of timing.json's
+    seconds (time.time; a test passes a fake one)."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, clock: Callable[[], float] = time.time):
+        self.root, self.clock = Path(root), clock
 
     def path(self, method: str, task: str, seed: int | None) -> Path:
         return self.root / method / f"{unit_name(task, seed)}.json"
+
+    def put_prompt(self, method: str, task: str, seed: int | None, write: Callable[[Path], None]) -> Path:
+        """The unit's kept prompt, `<root>/<method>/<task>-s<seed>.prompt/`, written by `write(directory)` whole
+        or not at all; before the unit itself (`put`), so a saved unit always has its prompt. Its encoder is not
+        committed (.gitignore: megabytes each), its vectors and prompt.json are (kilobytes)."""
+        target = self.root / method / f"{unit_name(task, seed)}.prompt"
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        write(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        return target
 
     def scratch(self, method: str, task: str, seed: int | None, settings_hash: str) -> Path:
         """The unit's working directory, in its report folder (`.scratch/`, gitignored; held by `lock`), emptied
@@ -94,20 +107,22 @@ class UnitStore:
         `figures` over its earlier ones: a run of other settings recomputes every unit, so it starts afresh."""
         timings = self.timings
         before = timings.get(method, {}) if timings.get(method, {}).get("settings") == settings else {}
-        seconds = before.get("seconds", 0.0) + time.time() - started
+        seconds = before.get("seconds", 0.0) + self.clock() - started
         timings[method] = {**before, **(figures or {}), "seconds": seconds, "settings": settings}
         write_atomic(self.root / "timing.json", json.dumps(timings, indent=1))
 
 
 class Clock:
     """A method's time in timing.json, added at every `tick` (each finished unit): a run stopped before its end
-    keeps its time up to its last finished unit."""
+    keeps its time up to its last finished unit. `clock`: the store's unless given (both ends of an interval must
+    come from one clock)."""
 
-    def __init__(self, store: UnitStore, method: str, settings: str):
-        self.store, self.method, self.settings, self.last = store, method, settings, time.time()
+    def __init__(self, store: UnitStore, method: str, settings: str, clock: Callable[[], float] | None = None):
+        self.clock = clock or store.clock
+        self.store, self.method, self.settings, self.last = store, method, settings, self.clock()
 
     def tick(self, figures: dict | None = None) -> None:
-        now = time.time()
+        now = self.clock()
         self.store.add_timing(self.method, self.last, self.settings, figures)
         self.last = now
 

@@ -26,9 +26,9 @@ from components.benchmarks.superglue.metrics import primary_score, task_metrics
 from components.benchmarks.superglue.run import SETTINGS, SPLITS, load_splits
 from components.benchmarks.superglue.tasks import TASKS, read_examples
 from components.reports.figures import clear, curves, grouped_bars, section
-from components.reports.store import (UnitKey, UnitStore, device_kind, mean_std, methods_and_seeds, overrides_line, own_option,
-                                      pct, provenance, report_dir, std_line, subset_label, unique, versions_line,
-                                      write_atomic)
+from components.reports.store import (UnitKey, UnitStore, device_kind, mean_std, methods_and_seeds, overrides_line,
+                                      own_option, pct, report_dir, std_line, subset_label, unique, versions_line)
+from components.reports.table import Table
 from components.run_config import resolve
 
 log = logging.getLogger(__name__)
@@ -83,51 +83,56 @@ def recipe(settings: dict, budget: str, method: str) -> dict:
 def run_report(report: Report, settings: dict, root: Path, show_progress: bool = True,
                on_progress: Callable[[dict], None] | None = None) -> dict:
     """Run what is missing, then write results.json, REPORT.md and the figures; returns results.json's dict."""
-    with UnitStore(report.output_dir / "units").lock() as store:
-        return _run_locked(report, settings, root, store, show_progress, on_progress)
+    return SuperGlueTable(report, settings, root, show_progress, on_progress).run()
 
 
-def _run_locked(report, settings, root, store, show_progress, on_progress) -> dict:
-    from tqdm import tqdm
+class SuperGlueTable(Table):
+    macro_key = "macro_val_score"
 
-    from components.benchmarks.superglue.run import run
+    def run_units(self) -> dict[str, UnitKey]:
+        from tqdm import tqdm
 
-    started = time.time()
-    keys, todo = {}, []
-    for method in report.methods:
-        keys[method] = UnitKey(report.config(settings, method, report.seeds[0], root))
-        seeds = report.seeds if METHODS[method].trains else (None,)
-        todo += [(method, t, s) for t, s in store.missing(method, [(t, s) for s in seeds for t in report.tasks], keys[method])]
-    log.info("%d units to run", len(todo))
-    bar = tqdm(todo, desc="SuperGLUE", unit="run", disable=not show_progress, mininterval=2.0)
-    for i, (method, task, seed) in enumerate(bar):
-        bar.set_postfix_str(f"{method} {task} seed {seed}", refresh=False)
-        t0 = time.time()
-        config = report.config(settings, method, seed if seed is not None else report.seeds[0], root, task)
-        key = keys[method](task, seed)
-        run_dir = store.scratch(method, task, seed, key)
-        metrics = run(config, run_dir)
-        figures = metrics["tasks"][task]
-        history = json.loads((run_dir / "history.json").read_text())[task]
-        store.put(method, task, seed, key, {
-            "dev": figures["dev"], "val": figures["val"], "steps": figures["steps"], "best_step": figures["best_step"],
-            "stopped_early": figures["stopped_early"], "n_train": figures["n_train"], "n_dev": figures["n_dev"],
-            "n_val": figures["n_val"], "selected_on": figures["selected_on"], "history": history,
-            "seconds": time.time() - t0})
-        shutil.rmtree(run_dir, ignore_errors=True)  # a trained LM per unit: the table keeps figures, not weights
-        store.add_timing(method, t0, keys[method].settings)
-        if on_progress is not None:
-            on_progress({"done": i + 1, "total": len(todo)})
-    bar.close()
-    results = _aggregate(report, settings, store, keys, root)
-    results["provenance"] = provenance(keys)
-    results["val_standard_error"] = val_noise(report, results)
-    results["wall_s_this_invocation"] = time.time() - started
-    write_atomic(report.output_dir / "results.json", json.dumps(results, indent=2))
-    store.write_metrics(results, "macro_val_score")  # metrics.json: the macro figures, the stage's DVC metrics
-    _figures(report, results)
-    write_atomic(report.output_dir / "REPORT.md", _markdown(report, results, settings))
-    return results
+        from components.benchmarks.superglue.run import run
+
+        report, settings, root, store = self.report, self.settings, self.root, self.store
+        keys, todo = {}, []
+        for method in report.methods:
+            keys[method] = UnitKey(report.config(settings, method, report.seeds[0], root))
+            seeds = report.seeds if METHODS[method].trains else (None,)
+            todo += [(method, t, s) for t, s in store.missing(method, [(t, s) for s in seeds for t in report.tasks], keys[method])]
+        log.info("%d units to run", len(todo))
+        bar = tqdm(todo, desc="SuperGLUE", unit="run", disable=not self.show_progress, mininterval=2.0)
+        for i, (method, task, seed) in enumerate(bar):
+            bar.set_postfix_str(f"{method} {task} seed {seed}", refresh=False)
+            t0 = time.time()
+            config = report.config(settings, method, seed if seed is not None else report.seeds[0], root, task)
+            key = keys[method](task, seed)
+            run_dir = store.scratch(method, task, seed, key)
+            metrics = run(config, run_dir)
+            figures = metrics["tasks"][task]
+            history = json.loads((run_dir / "history.json").read_text())[task]
+            store.put(method, task, seed, key, {
+                "dev": figures["dev"], "val": figures["val"], "steps": figures["steps"], "best_step": figures["best_step"],
+                "stopped_early": figures["stopped_early"], "n_train": figures["n_train"], "n_dev": figures["n_dev"],
+                "n_val": figures["n_val"], "selected_on": figures["selected_on"], "history": history,
+                "seconds": time.time() - t0})
+            shutil.rmtree(run_dir, ignore_errors=True)  # a trained LM per unit: the table keeps figures, not weights
+            store.add_timing(method, t0, keys[method].settings)
+            if self.on_progress is not None:
+                self.on_progress({"done": i + 1, "total": len(todo)})
+        bar.close()
+        return keys
+
+    def aggregate(self, keys: dict[str, UnitKey]) -> dict:
+        results = _aggregate(self.report, self.settings, self.store, keys, self.root)
+        results["val_standard_error"] = val_noise(self.report, results)
+        return results
+
+    def figures(self, results: dict) -> None:
+        _figures(self.report, results, self.settings)
+
+    def markdown(self, results: dict) -> str:
+        return _markdown(self.report, results, self.settings)
 
 
 def headline(results: dict) -> dict[str, float]:
@@ -197,7 +202,7 @@ def majority_class(tasks, params: dict) -> dict:
 FIGURES = {"tasks.png": "per task", "learning_curves.png": "dev learning curves", "macro.png": "macro"}
 
 
-def _figures(report: Report, results: dict) -> None:
+def _figures(report: Report, results: dict, settings: dict) -> None:
     out, methods = report.output_dir, results["methods"]
     clear(out, FIGURES)
     shown = [m for m in report.methods if methods[m]["tasks"]]
@@ -215,11 +220,30 @@ def _figures(report: Report, results: dict) -> None:
                f"P-tuning dev score per task (seed {report.seeds[0]}), {report.model}")
     done = [m for m in report.methods if "macro_val_score" in methods[m]]
     if done:
+        # methods over every task first, those over fewer set apart; the paper's row of each method beside ours
+        full = [m for m in done if methods[m]["n_tasks"] == len(report.tasks)]
+        order = full + [m for m in done if m not in full]
+        rows = {**(settings["paper_table5"] if report.setting == "fewshot" else {}), **settings["paper_table3_zeroshot"]}
+        paper = {m: _paper_macro(rows[row]) for m, row in PAPER_ROW_OF_METHOD.items() if row in rows}
         grouped_bars(out / "macro.png",
-                     [METHOD_NAMES[m] + subset_label(methods[m]["n_tasks"], len(TASKS), "tasks") for m in done],
-                     {report.model: [100 * methods[m]["macro_val_score"] for m in done]},
+                     [METHOD_NAMES[m] + subset_label(methods[m]["n_tasks"], len(TASKS), "tasks") for m in order],
+                     {report.model: [100 * methods[m]["macro_val_score"] for m in order],
+                      "paper (P-tuning, PET: ALBERT-xxlarge; MP zero-shot: GPT2-base)": [paper.get(m) for m in order]},
                      "mean val score over tasks (%)", f"SuperGLUE {report.setting}: macro score",
-                     errors={report.model: [100 * (methods[m]["macro_val_score_std"] or 0.0) for m in done]})
+                     errors={report.model: [100 * (methods[m]["macro_val_score_std"] or 0.0) for m in order]},
+                     apart_from=len(full) if len(full) < len(order) else None, apart_note="fewer tasks:\nnot comparable")
+
+
+# the paper's row beside each method in macro.png (P-tuning and PET: ALBERT-xxlarge, Table 5; MP zero-shot:
+# GPT2-base, Table 3, the one row of our model's size)
+PAPER_ROW_OF_METHOD = {"ptuning": "P-tuning, albert-xxlarge-v2", "manual-finetune": "PET, albert-xxlarge-v2",
+                       "manual-zeroshot": "MP zero-shot, gpt2-base"}
+
+
+def _paper_macro(row: dict) -> float:
+    """A paper row's mean over tasks of each task's score (the mean of its metrics), as ours is computed."""
+    scores = [sum(v) / len(v) if isinstance(v, list) else v for v in row.values()]
+    return sum(scores) / len(scores)
 
 
 def val_noise(report: Report, results: dict) -> dict:

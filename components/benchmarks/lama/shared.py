@@ -9,30 +9,22 @@ would get alone: with one job this is `run.run_relation`'s training, up to the f
 shapes. A job that stops (patience on its dev P@1, or its last step) leaves the batch, its best state
 restored and its test P@1 measured, and the next queued job takes its place (at most `pool` jobs at once).
 
-A job's figures depend on its neighbours in the batch (float noise of other batch shapes), so a killed pool must
-continue as it was, not start afresh with the jobs left: with `checkpoint_dir`, the pool's whole state (every
-active job's encoder, optimizer, schedule, batch order, early stopping and best state, the queue, the random
-generators, the timing) is saved when it starts and at its evaluations (at most every `checkpoint_every_s`), as
-safetensors + JSON written atomically, and the same call with the jobs it had pending resumes it exactly.
+A job's figures depend on its neighbours in the batch (float noise), so a killed pool continues as it was: with
+`checkpoint_dir`, its whole state is saved (pool_state.PoolCheckpoint) and the same call resumes it exactly.
 
 Why: on a CPU the frozen LM's forward+backward costs 63 ms per example at batch 8 and 33 ms at batch 64
 (SmolLM2-135M), so one relation's batch of 8 wastes half the machine.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from components.benchmarks.lama.run import Candidates, Fact, RelationData, load_relation, new_encoder, precision_at_1
@@ -40,44 +32,13 @@ from components.method.model import PromptedLM
 from components.method.templates import collate, pad_id
 from components.training import (TrainConfig, improved, length_batches, make_accelerator, make_optimizer,
                                  make_schedule, seed_everything)
-from components.training.storage import atomic_write
+from components.benchmarks.lama.pool_state import Heartbeat, PoolCheckpoint, job_record, restore_rng, rng_state
 
 log = logging.getLogger(__name__)
 # Defaults of `train_shared` (read when it is called, so that a test can lower them in a subprocess).
 CHECKPOINT_EVERY_S = 60.0  # the pool's state at most this often (at an evaluation); a checkpoint of 14 prompts
                            # with their optimizer states is about 150 MB for SmolLM2-135M's MLP encoder
 HEARTBEAT_S = 60.0         # without a progress bar, one progress line on the `components` logger this often
-CHECKPOINT = "pool.json"   # beside it, the tensors: pool-<shared step>.safetensors
-
-
-class Heartbeat:
-    """At most one line every `every_s` seconds on a logger (`components...`: the terminal, and Prefect's logs when
-    a flow runs this): a long phase without a progress bar still says where it is."""
-
-    def __init__(self, every_s: float = HEARTBEAT_S, logger: logging.Logger = log,
-                 clock: Callable[[], float] = time.monotonic):
-        self.every_s, self.log, self.clock = every_s, logger, clock
-        self.last = clock()
-
-    def __call__(self, message: str, *args) -> bool:
-        """Log the line if `every_s` have passed since the last one (or the start); True when it did."""
-        now = self.clock()
-        if now - self.last < self.every_s:
-            return False
-        self.last = now
-        self.log.info(message, *args)
-        return True
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of a state dict (names, dtypes, shapes and bytes, in name order): two prompts trained alike to the
-    last bit have the same digest."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def load_relations(relations: list[str], lm, params: dict, method: str = "ptuning") -> tuple[list[RelationData], torch.Tensor]:
@@ -240,56 +201,6 @@ def _chunks(rows: list[tuple[_Job, Fact]], size: int):
     return [rows[s:s + size] for s in range(0, len(rows), size)]
 
 
-def _job_record(job: Job) -> dict:
-    """What a checkpoint says of a job, to check that a resumed pool is given the jobs it had."""
-    return {"key": job.key, "relation": job.data.relation, "seed": job.config.seed, "encoder": job.encoder,
-            "config": json.loads(json.dumps(asdict(job.config))),
-            "facts": {split: len(facts) for split, facts in job.data.splits.items()}}
-
-
-class PoolCheckpoint:
-    """A pool's state in `directory`: `pool.json` (the jobs, the queue, each active job's bookkeeping, optimizer
-    settings and schedule, the Python RNG, the timing) naming `pool-<step>.safetensors` (every tensor: encoders,
-    best states, optimizer moments, torch's RNG states) with its sha256. Both are written atomically, the tensors
-    first, so that a kill at any moment leaves the previous checkpoint whole; nothing is unpickled on loading."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.path = self.directory / CHECKPOINT
-
-    def read(self) -> dict | None:
-        """pool.json's content, or None when there is no checkpoint."""
-        return json.loads(self.path.read_text()) if self.path.exists() else None
-
-    def pending(self) -> list[dict] | None:
-        """The jobs (`_job_record`: key, relation, seed ...) active or queued at the checkpoint, in its order."""
-        meta = self.read()
-        return None if meta is None else meta["jobs"]
-
-    def save(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-        name = f"pool-{meta['shared_step']:09d}.safetensors"
-        data = save_safetensors(tensors)
-        atomic_write(self.directory / name, data, needed=len(data))
-        meta = {**meta, "tensors": name, "sha256": hashlib.sha256(data).hexdigest()}
-        atomic_write(self.path, json.dumps(meta))
-        for old in self.directory.glob("pool-*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
-
-    def load(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        meta = self.read()
-        data = (self.directory / meta["tensors"]).read_bytes()
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise ValueError(f"the pool checkpoint {self.directory / meta['tensors']} does not match its sha256 in "
-                             f"{self.path}: remove {self.directory} to start the pool afresh")
-        return meta, load_safetensors(data)
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-        for old in self.directory.glob("pool-*.safetensors"):
-            old.unlink(missing_ok=True)
-
-
 def train_shared(
     lm,
     jobs: list[Job],
@@ -354,7 +265,7 @@ def train_shared(
 
     if store is not None and store.read() is not None:
         meta, tensors = store.load()
-        given = [_job_record(job) for job in jobs]
+        given = [job_record(job) for job in jobs]
         if given != meta["jobs"] or meta["settings"] != settings:
             raise ValueError(f"the pool checkpoint in {store.directory} holds other jobs or settings than this call's "
                              "(pass PoolCheckpoint.pending's jobs, or clear it to start afresh)")
@@ -366,7 +277,7 @@ def train_shared(
         queue = [by_key[key] for key in meta["queue"]]
         timing.update(meta["timing"])
         finished_before, steps_before, elapsed_before = meta["finished"], meta["progress_steps"], meta["elapsed_s"]
-        _restore_rng(meta["rng"], tensors)
+        restore_rng(meta["rng"], tensors)
         log.info("P-tuning: resuming the pool checkpointed at shared step %d (%d prompts active, %d queued, %d done "
                  "before)", meta["shared_step"], len(active), len(queue), finished_before)
     else:
@@ -383,7 +294,7 @@ def train_shared(
             on_checkpoint()  # first: the time counted then covers at least the checkpoint's
         order = [*active, *queue]
         meta = {"format": 1, "settings": settings, "shared_step": timing["shared_steps"],
-                "jobs": [_job_record(j if isinstance(j, Job) else j.job) for j in order],
+                "jobs": [job_record(j if isinstance(j, Job) else j.job) for j in order],
                 "active": [j.key for j in active], "queue": [j.key for j in queue],
                 "finished": finished_before + len(results), "progress_steps": n_steps,
                 "elapsed_s": elapsed_before + time.time() - started,
@@ -392,7 +303,7 @@ def train_shared(
         for i, job in enumerate(active):
             meta["job_state"][job.key], job_tensors = job.snapshot(f"job{i}.")
             tensors.update(job_tensors)
-        meta["rng"] = _rng_state(tensors)
+        meta["rng"] = rng_state(tensors)
         store.save(meta, tensors)
 
     last_checkpoint = time.monotonic()
@@ -453,24 +364,6 @@ def train_shared(
     timing["seconds"] = elapsed_before + time.time() - started
     timing["examples_per_s"] = timing["train_examples"] / max(timing["train_s"], 1e-9)
     return results, timing
-
-
-def _rng_state(tensors: dict[str, torch.Tensor]) -> dict:
-    """Python's RNG state (returned, JSON) and torch's CPU and CUDA states (added to `tensors`)."""
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
-    version, state, gauss = random.getstate()
-    return {"python": [version, list(state), gauss], "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0}
-
-
-def _restore_rng(saved: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, state, gauss = saved["python"]
-    random.setstate((version, tuple(state), gauss))
-    torch.set_rng_state(tensors["rng.torch"])
-    if saved["cuda_devices"]:
-        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(saved["cuda_devices"])])
 
 
 def _planned_steps(job: Job) -> int:

@@ -1,12 +1,12 @@
 """Turn one `ptuning train` output directory into what DVC shows: `dvc metrics show` and `dvc plots show`.
 
-    python -m flows.report RUN_DIR OUT_DIR
+    python -m flows.dvc_metrics RUN_DIR OUT_DIR
 
 reads RUN_DIR/metrics.json and RUN_DIR/history.json (written by `ptuning train ... --output-dir RUN_DIR`) and
 writes
     OUT_DIR/metrics.json          the run's figures (local paths left out, so `dvc metrics diff` compares numbers)
     OUT_DIR/learning_curve.csv    one row per evaluation: step, epoch, task, the dev metrics, dev_score
-The DVC stages `train_lama` / `train_superglue` call it after training; the flow uses `learning_curve` too.
+The DVC stages `train_lama` / `train_superglue` call it after training (dvc.yaml); no Prefect flow uses it.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def report(run_dir: str | Path, out_dir: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m flows.dvc_metrics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="the --output-dir of `ptuning train`")
     parser.add_argument("out_dir", help="where metrics.json and learning_curve.csv go")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(json.dumps(report(args.run_dir, args.out_dir)))
     except (FileNotFoundError, ValueError) as error:
-        print(f"flows.report: error: {error}", file=sys.stderr)
+        print(f"flows.dvc_metrics: error: {error}", file=sys.stderr)
         return 2
     return 0
 

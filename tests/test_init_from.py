@@ -1,0 +1,49 @@
+"""`ptuning train ... --init-from`: a run starts where a registered prompt ended, names it in its fingerprint, and
+refuses a source it cannot start from with one line, before training."""
+import json
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from components.cli import main
+from components.mlops.serving import log_prompt_model
+
+pytestmark = pytest.mark.slow  # trains through the CLI
+
+
+def train(small_lama, out, *extra):
+    return main(["train", "lama", "--task", "P36", "--model", "tiny-gpt2", "--set", f"data_dir={small_lama}",
+                 "--steps", "4", "--eval-every", "2", "--lr", "0.05", "--output-dir", str(out), *extra])
+
+
+def test_a_run_resumes_training_from_a_registered_prompt(small_lama, tmp_path, monkeypatch, capsys):
+    assert train(small_lama, tmp_path / "first") == 0
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("init-from", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        info = log_prompt_model(tmp_path / "first" / "prompt", run_id=run.info.run_id, registered_model_name="init-p36")
+    MlflowClient().set_registered_model_alias("init-p36", "champion", info.registered_model_version)
+
+    assert train(small_lama, tmp_path / "second", "--init-from", "models:/init-p36@champion") == 0
+    history = json.loads((tmp_path / "second" / "history.json").read_text())["P36"]
+    # the step-0 dev figure is the registered version's, and training goes on from there
+    assert history[0]["step"] == 0 and history[0]["dev.p1"] == first["dev"]["p1"]
+    assert [h["step"] for h in history] == [0, 2, 4]
+    fingerprint = json.loads((tmp_path / "second" / "fingerprint.json").read_text())
+    assert fingerprint["init_from"] == "models:/init-p36/1" and "init_from" not in json.loads(
+        (tmp_path / "first" / "fingerprint.json").read_text())
+
+    # what it cannot start from: one line, exit 2, no training
+    capsys.readouterr()
+    assert main(["train", "lama", "--task", "P1376", "--model", "tiny-gpt2", "--set", f"data_dir={small_lama}",
+                 "--output-dir", str(tmp_path / "third"), "--init-from", str(tmp_path / "first" / "prompt")]) == 2
+    assert "another task 'P36' (this run: 'P1376')" in capsys.readouterr().err
+    assert train(small_lama, tmp_path / "fourth", "--set", "encoder=lstm", "--init-from", "models:/init-p36/1") == 2
+    assert "another encoder kind 'mlp' (this run: 'lstm')" in capsys.readouterr().err
+    assert train(small_lama, tmp_path / "fifth", "--init-from", "models:/init-p36@nobody") == 2
+    assert "--init-from models:/init-p36@nobody" in capsys.readouterr().err
+    assert not any((tmp_path / d / "history.json").exists() for d in ("third", "fourth", "fifth"))
