@@ -82,7 +82,7 @@ def test_fit_on_a_full_disk_stops_with_disk_full_and_keeps_the_last_checkpoint(t
         fit(model, list(range(32)), [1] * 32, lambda idx: {"x": x[idx], "y": y[idx]},
             lambda m, b: torch.nn.functional.mse_loss(m(b["x"]), b["y"]), evaluate, config, select=("dev.neg_mse",),
             checkpoint_dir=disk / "checkpoint")
-    assert len(evaluations) == 2  # the first checkpoint fitted, the second did not
+    assert len(evaluations) == 3  # the start (no checkpoint), then the first checkpoint fitted, the second did not
     assert sorted(p.name for p in (disk / "checkpoint").iterdir()) == ["last.safetensors"]
     assert load_checkpoint(disk / "checkpoint" / "last.safetensors")["state"]["step"] == 2
 
