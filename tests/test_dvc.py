@@ -78,7 +78,7 @@ def test_train_stage_metrics_plots_and_param_change(dvc_repo):
     assert (repo / "outputs" / "dvc" / "lama" / "run" / "prompt").is_dir()
     lines = curve.read_text().splitlines()
     assert lines[0].split(",")[:3] == ["step", "epoch", "task"] and "dev_score" in lines[0]
-    assert [line.split(",")[0] for line in lines[1:]] == ["2", "4"]
+    assert [line.split(",")[0] for line in lines[1:]] == ["0", "2", "4"]  # the start, then every 2 steps
 
     # the stage's figures are an output shown by name (not a DVC metric: a fresh clone has none of them)
     shown = json.loads(_dvc(repo, "metrics", "show", "--json", "outputs/dvc/lama/metrics.json", env=env).stdout)
