@@ -21,8 +21,11 @@ def test_a_run_resumes_training_from_a_registered_prompt(small_lama, tmp_path, m
     assert train(small_lama, tmp_path / "first") == 0
     first = json.loads((tmp_path / "first" / "metrics.json").read_text())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # this store for tracking and the registry (an earlier test's mlflow.set_registry_uri exports another one)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     experiment = mlflow.create_experiment("init-from", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
         info = log_prompt_model(tmp_path / "first" / "prompt", run_id=run.info.run_id, registered_model_name="init-p36")
