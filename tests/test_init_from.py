@@ -49,4 +49,26 @@ def test_a_run_resumes_training_from_a_registered_prompt(small_lama, tmp_path, m
     assert "another encoder kind 'mlp' (this run: 'lstm')" in capsys.readouterr().err
     assert train(small_lama, tmp_path / "fifth", "--init-from", "models:/init-p36@nobody") == 2
     assert "--init-from models:/init-p36@nobody" in capsys.readouterr().err
-    assert not any((tmp_path / d / "history.json").exists() for d in ("third", "fourth", "fifth"))
+    # as many [P]s (the encoder's shape matches), in another place: another prompt
+    assert train(small_lama, tmp_path / "sixth", "--set", "template={sub} [P*6] [Y]", "--init-from", "models:/init-p36/1") == 2
+    assert "another template '[P*3] {sub} [P*3] [Y]' (this run: '{sub} [P*6] [Y]')" in capsys.readouterr().err
+    assert not any((tmp_path / d / "history.json").exists() for d in ("third", "fourth", "fifth", "sixth"))
+
+
+def test_a_superglue_run_resumes_from_its_frozen_lm_prompt_with_the_same_pattern_only(fewglue_dir, tmp_path, capsys):
+    def train_rte(out, *extra):
+        return main(["train", "superglue", "--task", "rte", "--model", "tiny-gpt2", "--method", "ptuning",
+                     "--set", "freeze_lm=true", "--steps", "2", "--eval-every", "1", "--set", f"data_dir={fewglue_dir}",
+                     "--set", "max_eval_examples=16", "--output-dir", str(out), *extra])
+
+    assert train_rte(tmp_path / "first") == 0
+    source = str(tmp_path / "first" / "prompt")
+    assert train_rte(tmp_path / "second", "--init-from", source) == 0
+    history = json.loads((tmp_path / "second" / "history.json").read_text())["rte"]
+    assert history[0]["dev.acc"] == json.loads((tmp_path / "first" / "metrics.json").read_text())["dev"]["acc"]
+    capsys.readouterr()
+    assert train_rte(tmp_path / "third", "--set", "pattern={premise} [P] Question: {hypothesis} ? Answer: [Y] .",
+                     "--init-from", source) == 2
+    error = capsys.readouterr().err
+    assert "another template '{premise} Question: {hypothesis} ? [P] Answer: [Y] .'" in error and error.count("\n") == 1
+    assert not (tmp_path / "third" / "history.json").exists()

@@ -1,7 +1,7 @@
 """`ptuning train ... --init-from SOURCE`: a run that starts from a learned prompt's encoder, a registered version
 (`models:/NAME@champion`, `models:/NAME/3`) or a prompt directory, and trains on from there. The optimizer and
-schedule start fresh. The source must be a frozen-LM prompt of the same benchmark, task and base model, with
-the run's encoder shape; anything else is a one-line error before training. The run's fingerprint names the
+schedule start fresh. The source must be a frozen-LM prompt of the same benchmark, task, base model and template
+text, with the run's encoder shape; anything else is a one-line error before training. The run's fingerprint names the
 source (a registered version by its number), so a run from another start is never reused for this one."""
 from __future__ import annotations
 
@@ -56,7 +56,42 @@ def check_source(directory: Path, benchmark: str, params: dict) -> dict:
     differ = [f"{k} {found[k]!r} (this run: {wanted[k]!r})" for k in wanted if str(found[k]) != str(wanted[k])]
     if differ:
         raise ValueError(f"--init-from {directory}: another {', '.join(differ)}")
+    # the same [P] count in another place, or other anchors, is another prompt: the encoder's shape cannot tell
+    found, wanted = meta.get("patterns") or {"default": meta["template"]}, RUN_PATTERNS[benchmark](params, meta["causal"])
+    if found != wanted:
+        raise ValueError(f"--init-from {directory}: another template {_shown(found)} (this run: {_shown(wanted)})")
     return meta
+
+
+def _lama_patterns(params: dict, causal: bool) -> dict[str, str]:
+    from components.benchmarks.lama.run import template_for
+    from components.method.templates import parse_template, prompt_from_anchors
+    from components.models.catalog import load_tokenizer
+
+    template = parse_template(template_for(params["method"], params["task"], causal, params, Path(params["data_dir"])),
+                              fields=("sub",))
+    if params["method"] == "ptuning" and params["init"] == "manual":  # as lama.run.load_relation derives it
+        template = parse_template(prompt_from_anchors(template, load_tokenizer(params["model"]), causal)[0],
+                                  fields=("sub",))
+    return {"default": template.text}
+
+
+def _superglue_patterns(params: dict, causal: bool) -> dict[str, str]:
+    from components.benchmarks.superglue.methods import METHODS
+    from components.benchmarks.superglue.tasks import TASKS
+    from components.models.catalog import load_tokenizer
+
+    templates = METHODS[params["method"]].templates(TASKS[params["task"]], params, load_tokenizer(params["model"]))
+    return {key: template.text for key, template in templates.items()}
+
+
+# the template texts a run of these params trains, per pattern key, as its exported prompt.json records them
+# (`causal`: the base model's, known from the source, whose base model is the run's)
+RUN_PATTERNS = {"lama": _lama_patterns, "superglue": _superglue_patterns}
+
+
+def _shown(patterns: dict[str, str]) -> str:
+    return repr(patterns["default"]) if list(patterns) == ["default"] else repr(patterns)
 
 
 class StartFromPrompt(Callback):
