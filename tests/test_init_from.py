@@ -56,14 +56,14 @@ def test_a_run_resumes_training_from_a_registered_prompt(small_lama, tmp_path, m
 
 
 def test_a_superglue_run_resumes_from_its_frozen_lm_prompt_with_the_same_pattern_only(fewglue_dir, tmp_path, capsys):
-    def train_rte(out, *extra):
-        return main(["train", "superglue", "--task", "rte", "--model", "tiny-gpt2", "--method", "ptuning",
+    def train_rte(out, *extra, task="rte"):
+        return main(["train", "superglue", "--task", task, "--model", "tiny-gpt2", "--method", "ptuning",
                      "--set", "freeze_lm=true", "--steps", "2", "--eval-every", "1", "--set", f"data_dir={fewglue_dir}",
                      "--set", "max_eval_examples=16", "--output-dir", str(out), *extra])
 
     assert train_rte(tmp_path / "first") == 0
     source = str(tmp_path / "first" / "prompt")
-    assert train_rte(tmp_path / "second", "--init-from", source) == 0
+    assert train_rte(tmp_path / "second", "--init-from", source, task="RTE") == 0  # the task as the user spells it
     history = json.loads((tmp_path / "second" / "history.json").read_text())["rte"]
     assert history[0]["dev.acc"] == json.loads((tmp_path / "first" / "metrics.json").read_text())["dev"]["acc"]
     capsys.readouterr()

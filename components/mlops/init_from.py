@@ -78,10 +78,10 @@ def _lama_patterns(params: dict, causal: bool) -> dict[str, str]:
 
 def _superglue_patterns(params: dict, causal: bool) -> dict[str, str]:
     from components.benchmarks.superglue.methods import METHODS
-    from components.benchmarks.superglue.tasks import TASKS
+    from components.benchmarks.superglue.tasks import task_spec
     from components.models.catalog import load_tokenizer
 
-    templates = METHODS[params["method"]].templates(TASKS[params["task"]], params, load_tokenizer(params["model"]))
+    templates = METHODS[params["method"]].templates(task_spec(params["task"]), params, load_tokenizer(params["model"]))
     return {key: template.text for key, template in templates.items()}
 
 
