@@ -71,18 +71,25 @@ def horizontal_bars(path: Path, labels: list[str], series: dict[str, list[float]
     return path
 
 
+MAX_NAMED_LINES = 10  # more lines than this are not told apart by colour: the legend then names the mean only
+
+
 def curves(path: Path, lines: dict[str, list[tuple[int, float]]], xlabel: str, ylabel: str, title: str,
            mean_label: str | None = None) -> Path:
-    """Thin lines per key (e.g. per relation), and their mean at each x shared by all when `mean_label`."""
+    """A line per key (e.g. per relation), and their mean at each x shared by all when `mean_label`. A few lines
+    (SuperGLUE's tasks) are each named in the legend; many (LAMA's 41 relations) are thin and unnamed."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    named = len(lines) <= MAX_NAMED_LINES
     for name, points in lines.items():
         if points:
-            ax.plot(*zip(*points), lw=0.8, alpha=0.45)
+            ax.plot(*zip(*points), marker="o" if named else None, ms=3, lw=1.2 if named else 0.8,
+                    alpha=0.9 if named else 0.45, label=name if named else None)
     if mean_label and lines:
         common = sorted(set.intersection(*(set(x for x, _ in p) for p in lines.values() if p)))
         by_x = [sum(dict(p)[x] for p in lines.values()) / len(lines) for x in common]
         ax.plot(common, by_x, lw=2.5, color="black", label=mean_label)
-        ax.legend(fontsize=8)
+    if named or mean_label:
+        ax.legend(fontsize=8, ncol=2 if named else 1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
