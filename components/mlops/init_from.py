@@ -64,15 +64,10 @@ def check_source(directory: Path, benchmark: str, params: dict) -> dict:
 
 
 def _lama_patterns(params: dict, causal: bool) -> dict[str, str]:
-    from components.benchmarks.lama.run import template_for
-    from components.method.templates import parse_template, prompt_from_anchors
+    from components.benchmarks.lama.run import relation_template
     from components.models.catalog import load_tokenizer
 
-    template = parse_template(template_for(params["method"], params["task"], causal, params, Path(params["data_dir"])),
-                              fields=("sub",))
-    if params["method"] == "ptuning" and params["init"] == "manual":  # as lama.run.load_relation derives it
-        template = parse_template(prompt_from_anchors(template, load_tokenizer(params["model"]), causal)[0],
-                                  fields=("sub",))
+    template, _ = relation_template(params["method"], params["task"], load_tokenizer(params["model"]), causal, params)
     return {"default": template.text}
 
 

@@ -172,17 +172,22 @@ def new_encoder(data: RelationData, lm, kind: str) -> PromptEncoder:
     return PromptEncoder(data.template.n_prompt_tokens, embeddings.shape[1], kind, init=init)
 
 
+def relation_template(method: str, relation: str, tokenizer, causal: bool, params: dict) -> tuple[Template, list[int] | None]:
+    """The template `method` trains or scores for `relation`, and the token ids its [P] start from (None: random)."""
+    template = parse_template(template_for(method, relation, causal, params, Path(params["data_dir"])), fields=("sub",))
+    if method == "ptuning" and params["init"] == "manual":  # the manual prompt's words become continuous tokens
+        text, init_ids = prompt_from_anchors(template, tokenizer, causal)
+        return parse_template(text, fields=("sub",)), init_ids
+    return template, None
+
+
 def load_relation(relation: str, lm, params: dict, candidates: Candidates, method: str | None = None) -> RelationData:
     """One relation's facts encoded with `method`'s template (default: params' method)."""
     data_dir, method = Path(params["data_dir"]), method or params["method"]
     split_dir = data_dir / params["vocab"] / relation
     if not split_dir.is_dir():
         raise DataError(f"no prepared facts for {relation} in {split_dir.parent}: run `dvc repro prepare_lama`")
-    template = parse_template(template_for(method, relation, lm.causal, params, data_dir), fields=("sub",))
-    init_ids = None
-    if method == "ptuning" and params["init"] == "manual":  # the manual prompt's words become continuous tokens
-        text, init_ids = prompt_from_anchors(template, lm.tokenizer, lm.causal)
-        template = parse_template(text, fields=("sub",))
+    template, init_ids = relation_template(method, relation, lm.tokenizer, lm.causal, params)
     index = {w: i for i, w in enumerate(candidates.words)}
     splits, dropped = {}, {}
     for split in ("train", "dev", "test"):
