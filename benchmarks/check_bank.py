@@ -18,12 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 
+from components.benchmarks.lama.run import Candidates
 from components.config import in_root, project_root
 from components.data.sources import read_jsonl
+from components.models.catalog import load_tokenizer
 
 BIN = Path(sys.executable).parent
 
@@ -62,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     root = project_root()
     report = in_root(Path(args.report), root)
     results = json.loads((report / "results.json").read_text())
-    by_seed = {r: v["test_p1_by_seed"] for r, v in results["methods"]["ptuning"]["relations"].items()}
-    data = in_root(Path(results["provenance"]["ptuning"]["params"]["data_dir"]), root) / results["vocab"]
-    answers = set(json.loads((data / "vocab.json").read_text()))
+    relations = results["methods"]["ptuning"]["relations"]
+    params = results["provenance"]["ptuning"]["params"]
+    data_dir = in_root(Path(params["data_dir"]), root)
+    data = data_dir / params["vocab"]
+    # the facts the table scored: those whose answer is one token of the model (P@1 ranks those words only)
+    answers = set(Candidates.load({**params, "data_dir": str(data_dir)}, load_tokenizer(params["model"])).words)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -82,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         tags = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version(registered["name"], registered["version"]).tags
         seeds = {r: source.split(f"/{r}-s")[1].split(" ")[0] for r, source in json.loads(tags["prompts"]).items()}
         facts = [(r, f) for r in sorted(seeds) for f in read_jsonl(data / r / "test.jsonl") if f["obj_label"] in answers]
+        counts = Counter(r for r, _ in facts)
+        other_facts = {r: (counts[r], relations[r]["n_test"]) for r in seeds if counts[r] != relations[r]["n_test"]}
+        if other_facts:
+            print(f"test facts (here, the table's) differ: {other_facts}", file=sys.stderr)
+            return 2
         random.Random(0).shuffle(facts)  # requests mix the relations, as a bank's clients would
         server, url = serve(registered["uri"], env, tmp)
         try:
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=60)
 
     served = {r: sum(h) / len(h) for r, h in hits.items()}
-    table = {r: by_seed[r][seeds[r]] for r in seeds}
+    table = {r: relations[r]["test_p1_by_seed"][seeds[r]] for r in seeds}
     differ = {r: (served[r], table[r]) for r in seeds if abs(served[r] - table[r]) > 1e-9}
     print(json.dumps({"model": registered["uri"], "relations": len(seeds), "facts": len(facts),
                       "seconds": round(seconds, 1), "rows_per_second": round(len(facts) / seconds, 1),
