@@ -5,7 +5,10 @@ from collections import Counter
 import pytest
 import torch
 
+from components.benchmarks.superglue.tasks import TASKS, read_examples
 from components.cli import main
+from components.config import load_params
+from components.reports.superglue import flow_default_task
 from components.reports.store import UnitStore
 
 pytestmark = pytest.mark.slow  # trains through the CLI in subprocesses: the full tier (make test)
@@ -202,6 +205,18 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
     assert majority["multirc"]["label"] == "0" and majority["multirc"]["val"]["f1a"] == 0.0
     assert majority["cb"]["val"]["score"] == pytest.approx((majority["cb"]["val"]["acc"] + majority["cb"]["val"]["f1_macro"]) / 2)
     assert {t: m["label_from"] for t, m in majority.items()} == {t: "train" for t in majority}  # the full sets
+    # the floor on dev32 too, and the flow's default task read from dev32 alone against the better of the floors
+    examples = read_examples(TASKS["rte"], fewglue_dir / "RTE" / "dev32.jsonl")[:8]
+    rte = majority["rte"]
+    assert rte["dev"]["acc"] == pytest.approx(sum(ex.label == rte["label"] for ex in examples) / len(examples))
+    rule = flow_default_task(results)
+    methods = results["methods"]
+    for task, gain in rule["gains"].items():
+        floor = max(methods["manual-zeroshot"]["tasks"][task]["dev_score"], majority[task]["dev"]["score"])
+        assert gain == pytest.approx(methods["ptuning"]["tasks"][task]["dev_score"] - floor)
+    assert rule["gains"][rule["task"]] == max(rule["gains"].values())
+    assert f"The largest, **{TASKS[rule['task']].folder}**" in report
+    assert f"| RTE | most frequent training label | {100 * rte['val']['score']:.1f} | {100 * rte['dev']['score']:.1f} |" in report
     [row] = [line for line in report.splitlines() if line.startswith("| most frequent training label (no LM) |")]
     assert row.endswith(f" | {100 * results['majority']['macro_val_score']:.1f} (3 tasks) |") and "±" not in row
     # what the runs selected on, as their units record it, and the command's overrides of the budget
@@ -231,6 +246,13 @@ def test_superglue_report_writes_the_fewshot_table_and_resumes(fewglue_dir, repo
         assert _superglue(out, fewglue_dir) == 3
     assert _superglue(out, fewglue_dir) == 0
     assert "keep the state best on dev32 / val and are scored" in (out / "REPORT.md").read_text()
+
+
+def test_the_flow_runs_the_task_the_committed_table_picks_on_dev32(repo_dir):
+    """params/flow.yaml's SuperGLUE task is the committed few-shot table's `flow_default_task`: changing either
+    alone would leave the README's main job on a task no dev32 rule chose."""
+    results = json.loads((repo_dir / "reports" / "superglue" / "smollm2-135m-fewshot" / "results.json").read_text())
+    assert load_params("flow", repo_dir)["superglue"]["tasks"] == [flow_default_task(results)["task"]]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -180,7 +180,7 @@ def _aggregate(report: Report, settings: dict, store: UnitStore, keys: dict, roo
 
 
 def majority_class(tasks, params: dict) -> dict:
-    """Per task, the val metrics of always predicting the most frequent label of its full training set (SuperGLUE's
+    """Per task, the dev and val metrics of always predicting the most frequent label of its full training set (SuperGLUE's
     "most frequent class" baseline; the 32 few-shot examples where no full set is prepared, BoolQ here: they can
     be one-sided, FewGLUE's WSC examples are all "True"; the first label seen on a tie), on the val examples the
     table is scored on: no LM, the floor that a trained method's figure is read against."""
@@ -191,12 +191,32 @@ def majority_class(tasks, params: dict) -> dict:
         full = Path(params["data_dir"]) / spec.folder / f"{SPLITS['full'][0]}.jsonl"
         prior, source = (read_examples(spec, full), SPLITS["full"][0]) if full.exists() else (splits["train"], "train32")
         label = Counter(ex.label for ex in prior).most_common(1)[0][0]
-        val = splits["val"]
-        metrics = task_metrics(spec.metrics, [label] * len(val), [ex.label for ex in val], groups=spec.kind.groups(val))
-        found[name] = {"label": label, "label_from": source, "n_val": len(val),
-                       "val": {**metrics, "score": primary_score(metrics, spec.metrics)},
-                       "val_std": {m: None for m in [*metrics, "score"]}}
+        scored = {}
+        for split in ("dev", "val"):
+            examples = splits[split]
+            metrics = task_metrics(spec.metrics, [label] * len(examples), [ex.label for ex in examples],
+                                   groups=spec.kind.groups(examples))
+            scored[split] = {**metrics, "score": primary_score(metrics, spec.metrics)}
+        found[name] = {"label": label, "label_from": source, "n_val": len(splits["val"]), **scored,
+                       "val_std": {m: None for m in scored["val"]}}
     return {"macro_val_score": sum(t["val"]["score"] for t in found.values()) / len(found), "tasks": found}
+
+
+def flow_default_task(results: dict) -> dict | None:
+    """The few-shot task the flow runs by default, chosen on the selection split (dev32) alone: the one where
+    P-tuning's dev score (mean over seeds) gains most over the better of two answers that learn nothing from the
+    task's examples, the zero-shot manual prompt and the most frequent training label. Measured against the
+    prompt alone, a dev32 whose labels lean as the training set's rewards learning that lean (RTE: 19 of 32
+    `not_entailment` in both), which no other split need share. None without both methods' units."""
+    methods = results["methods"]
+    if not methods.get("ptuning", {}).get("tasks") or not methods.get("manual-zeroshot", {}).get("tasks"):
+        return None
+    gains = {}
+    for task, entry in methods["ptuning"]["tasks"].items():
+        if task in methods["manual-zeroshot"]["tasks"]:
+            floor = max(methods["manual-zeroshot"]["tasks"][task]["dev_score"], results["majority"]["tasks"][task]["dev"]["score"])
+            gains[task] = entry["dev_score"] - floor
+    return {"task": max(gains, key=gains.get), "gains": gains}
 
 
 FIGURES = {"tasks.png": "per task", "learning_curves.png": "dev learning curves", "macro.png": "macro"}
@@ -325,5 +345,15 @@ def _markdown(report: Report, results: dict, settings: dict) -> str:
                 lines.append(f"| {spec.folder} | {METHOD_NAMES[method]} | {100 * entry['val']['score']:.1f} | "
                              f"{100 * entry['dev_score']:.1f} | {entry['steps']:.0f} | {entry['n_train']} | "
                              f"{entry['n_val']} | {entry['seconds_per_run'] / 60:.1f} |")
+        if floor := results["majority"]["tasks"].get(spec.name):
+            lines.append(f"| {spec.folder} | most frequent training label | {100 * floor['val']['score']:.1f} | "
+                         f"{100 * floor['dev']['score']:.1f} | 0 | – | {floor['n_val']} | – |")
+    if report.setting == "fewshot" and (rule := flow_default_task(results)):
+        lines += ["", "## The flow's default task (dev32 only)", "",
+                  "P-tuning's dev32 score minus the better of the zero-shot manual prompt's and the most frequent "
+                  "training label's (`flow_default_task`): " + ", ".join(
+                      f"{TASKS[t].folder} {100 * g:+.1f}" for t, g in sorted(rule["gains"].items(), key=lambda i: -i[1]))
+                  + f". The largest, **{TASKS[rule['task']].folder}**, is the flow's default (`params/flow.yaml` `superglue.tasks`, "
+                  "tests/test_report.py holds them together)."]
     lines += ["", *section(report.output_dir, FIGURES)]
     return "\n".join(lines)
