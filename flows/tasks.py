@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.common import numeric_metrics
+from components.mlops.serving import NotServable, check_servable
 from components.reports.store import mean_std
 from flows.dvc_repro import repro
 from flows.plan import Job
@@ -212,7 +213,8 @@ def zero_shot_baseline(job: Job, parent_run_id: str) -> dict | None:
 def register(job: Job, best_final: dict) -> list[dict]:
     """Register the best seed's prompt(s) as versions of `ptuning-<benchmark>-<task>-<vocab|setting>-<model>`; the
     tracker decides `champion` (the best dev score so far) or `challenger`. A run registered before is not
-    registered again."""
+    registered again. A prompt no registered model can serve (it answers by scoring choices or generating) is
+    logged as the run's artifacts instead, and the flow goes on."""
     logger = get_run_logger()
     metrics = best_final["metrics"]
     prompts = metrics.get("prompts") or {}
@@ -226,6 +228,15 @@ def register(job: Job, best_final: dict) -> list[dict]:
     earlier = {v.name: v for v in tracker.versions_of_run(best_final["run_id"])}
     registered = []
     for task_name, prompt_dir in sorted(prompts.items()):
+        try:
+            check_servable(prompt_dir)
+        except NotServable as error:  # COPA, WSC: the run stands; its prompt is kept, not registered
+            if not tracker.client.list_artifacts(best_final["run_id"], f"prompt/{task_name}"):
+                tracker.log_prompt_files(prompt_dir, best_final["run_id"], f"prompt/{task_name}")
+            logger.warning("%s: %s not registered, no registered model can serve it (%s); its files are the "
+                           "artifacts prompt/%s of run %s", job.study, task_name, str(error).rsplit(": ", 1)[-1],
+                           task_name, best_final["run_id"])
+            continue
         own = {**metrics["tasks"][task_name], "method": job.method, "model": job.model}  # this prompt's figures
         version = next((v for v in earlier.values() if v.tags.get("task") == task_name), None)
         if version is not None:

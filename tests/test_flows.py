@@ -43,7 +43,7 @@ def start_deployment(stack: dict, name: str, params: dict, timeout: int = 300, f
     args = [str(BIN / "prefect"), "deployment", "run", f"{flow}/{name}", "--watch", "--watch-timeout", str(timeout)]
     for key, value in params.items():
         args += ["-p", f"{key}={json.dumps(value)}"]
-    log = stack["tmp"] / f"run-{name}-{time.time():.0f}.log"
+    log = stack["tmp"] / f"run-{name}-{time.time_ns()}.log"  # two runs of one deployment may start in one second
     process = subprocess.Popen(args, env=stack["env"], stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
     return {"name": name, "process": process, "log": log, "started": time.time(), "timeout": timeout}
 
@@ -131,11 +131,12 @@ SUPERGLUE = {"tasks": ["cb"], "seeds": [42], "overrides": {"setting": "fewshot",
 def first_runs(stack):
     """The first run of each deployment, both at once: two flow-run subprocesses of the served process (their
     `dvc repro` calls queue on DVC's repository lock)."""
-    handles = [start_deployment(stack, "lama", tiny(stack, "e2e-lama", **LAMA)),
-               start_deployment(stack, "superglue", tiny(stack, "e2e-superglue", **SUPERGLUE))]
-    for handle in handles:  # wait for all before judging any
+    handles = {"lama": start_deployment(stack, "lama", tiny(stack, "e2e-lama", **LAMA)),
+               "superglue": start_deployment(stack, "superglue", tiny(stack, "e2e-superglue", **SUPERGLUE)),
+               "copa": start_deployment(stack, "superglue", tiny(stack, "e2e-copa", **{**SUPERGLUE, "tasks": ["copa"]}))}
+    for handle in handles.values():  # wait for all before judging any
         handle["process"].wait(timeout=handle["timeout"] + 60)
-    return {handle["name"]: finish_deployment(stack, handle) for handle in handles}
+    return {key: finish_deployment(stack, handle) for key, handle in handles.items()}
 
 
 def test_lama_deployment_end_to_end_and_rerun_reuses(stack, first_runs):
@@ -225,6 +226,25 @@ def test_superglue_deployment_end_to_end(stack, first_runs):
     assert float(said.group(3)) == pytest.approx(zero_shot, abs=1e-4) and float(said.group(1)) == pytest.approx(trained, abs=1e-4)
     assert (said.group(2) == "beats") == (trained > zero_shot)
     assert float(said.group(4)) == pytest.approx(abs(trained - zero_shot), abs=1e-4)
+
+
+def test_a_prompt_no_model_can_serve_is_kept_as_artifacts_and_the_flow_completes(stack, first_runs):
+    """COPA answers by scoring its choices, which no registered model serves: the flow (which once failed there,
+    after all its training) completes, says why nothing was registered, and keeps the prompt on its final run."""
+    from mlflow import MlflowClient
+
+    from components.mlops.champion import registered_name
+
+    logs = flow_logs(stack, first_runs["copa"])
+    said = re.search(r"copa not registered, no registered model can serve it \(it answers by scoring its choices[^)]*\); "
+                     r"its files are the artifacts prompt/copa of run ([0-9a-f]{32})", logs)
+    assert said, logs[-3000:]
+    client = MlflowClient(tracking_uri=stack["mlflow"], registry_uri=stack["mlflow"])
+    assert client.search_registered_models(f"name = '{registered_name('superglue', 'copa', 'tiny-gpt2', 'fewshot')}'") == []
+    run = client.get_run(said.group(1))
+    assert run.info.run_name.startswith("final-") and run.info.experiment_id == client.get_experiment_by_name("e2e-copa").experiment_id
+    kept = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "prompt/copa")}
+    assert {"prompt.safetensors", "encoder.safetensors", "prompt.json"} <= kept, kept
 
 
 # --- the flow's plumbing, without servers --------------------------------------------------------------

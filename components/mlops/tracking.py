@@ -284,6 +284,11 @@ class Tracker:
             else:
                 self.client.log_artifact(run_id, str(entry), artifact_path="report")
 
+    def log_prompt_files(self, prompt_dir: str | Path, run_id: str, artifact_path: str = "prompt") -> None:
+        """An exported prompt's files (vectors, encoder, prompt.json; a jointly tuned LM under lm/) as artifacts
+        of the run that trained it: what keeps a prompt that no registered model can serve."""
+        self.client.log_artifacts(run_id, str(prompt_dir), artifact_path=artifact_path)
+
     def register_prompt(self, prompt_dir: str | Path, name: str | None, metrics: dict, *,
                         selection_key: str = "dev.score", report_key: str | None = None, run_id: str | None = None,
                         command: str | None = None):
