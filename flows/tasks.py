@@ -230,12 +230,11 @@ def register(job: Job, best_final: dict) -> list[dict]:
     for task_name, prompt_dir in sorted(prompts.items()):
         try:
             check_servable(prompt_dir)
-        except NotServable as error:  # COPA, WSC: the run stands; its prompt is kept, not registered
+        except NotServable as error:  # COPA, WSC: the run stands; its prompt is kept as files, not registered
             if not tracker.client.list_artifacts(best_final["run_id"], f"prompt/{task_name}"):
                 tracker.log_prompt_files(prompt_dir, best_final["run_id"], f"prompt/{task_name}")
             logger.warning("%s: %s not registered, no registered model can serve it (%s); its files are the "
-                           "artifacts prompt/%s of run %s", job.study, task_name, str(error).rsplit(": ", 1)[-1],
-                           task_name, best_final["run_id"])
+                           "artifacts prompt/%s of run %s", job.study, task_name, error, task_name, best_final["run_id"])
             continue
         own = {**metrics["tasks"][task_name], "method": job.method, "model": job.model}  # this prompt's figures
         version = next((v for v in earlier.values() if v.tags.get("task") == task_name), None)

@@ -236,7 +236,8 @@ def test_a_prompt_no_model_can_serve_is_kept_as_artifacts_and_the_flow_completes
     from components.mlops.champion import registered_name
 
     logs = flow_logs(stack, first_runs["copa"])
-    said = re.search(r"copa not registered, no registered model can serve it \(it answers by scoring its choices[^)]*\); "
+    said = re.search(r"copa not registered, no registered model can serve it \([^)]*copa prompts are not servable: "
+                     r"it answers by scoring its choices[^)]*\); "
                      r"its files are the artifacts prompt/copa of run ([0-9a-f]{32})", logs)
     assert said, logs[-3000:]
     client = MlflowClient(tracking_uri=stack["mlflow"], registry_uri=stack["mlflow"])
