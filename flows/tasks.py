@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.common import numeric_metrics
-from components.mlops.serving import NotServable, check_servable
+from components.mlops.serving import NotServable
 from components.reports.store import mean_std
 from flows.dvc_repro import repro
 from flows.plan import Job
@@ -228,22 +228,21 @@ def register(job: Job, best_final: dict) -> list[dict]:
     earlier = {v.name: v for v in tracker.versions_of_run(best_final["run_id"])}
     registered = []
     for task_name, prompt_dir in sorted(prompts.items()):
-        try:
-            check_servable(prompt_dir)
-        except NotServable as error:  # COPA, WSC: the run stands; its prompt is kept as files, not registered
-            if not tracker.client.list_artifacts(best_final["run_id"], f"prompt/{task_name}"):
-                tracker.log_prompt_files(prompt_dir, best_final["run_id"], f"prompt/{task_name}")
-            logger.warning("%s: %s not registered, no registered model can serve it (%s); its files are the "
-                           "artifacts prompt/%s of run %s", job.study, task_name, error, task_name, best_final["run_id"])
-            continue
         own = {**metrics["tasks"][task_name], "method": job.method, "model": job.model}  # this prompt's figures
         version = next((v for v in earlier.values() if v.tags.get("task") == task_name), None)
         if version is not None:
             logger.info("%s: %s version %s was registered from this run before", job.study, version.name, version.version)
         else:
-            version = tracker.register_prompt(prompt_dir, None, own, run_id=best_final["run_id"],
-                                              selection_key=job.selection_key, report_key=job.report_key,
-                                              command=job.command)
+            try:  # register_prompt refuses before it logs anything
+                version = tracker.register_prompt(prompt_dir, None, own, run_id=best_final["run_id"],
+                                                  selection_key=job.selection_key, report_key=job.report_key,
+                                                  command=job.command)
+            except NotServable as error:  # COPA, WSC: the run stands; its prompt is kept as files, not registered
+                if not tracker.client.list_artifacts(best_final["run_id"], f"prompt/{task_name}"):
+                    tracker.log_prompt_files(prompt_dir, best_final["run_id"], f"prompt/{task_name}")
+                logger.warning("%s: %s not registered, no registered model can serve it (%s); its files are the "
+                               "artifacts prompt/%s of run %s", job.study, task_name, error, task_name, best_final["run_id"])
+                continue
         aliases = sorted(tracker.client.get_model_version(version.name, version.version).aliases)
         registered.append({"name": version.name, "version": str(version.version), "aliases": aliases,
                            "run_id": best_final["run_id"]})

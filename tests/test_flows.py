@@ -129,8 +129,9 @@ SUPERGLUE = {"tasks": ["cb"], "seeds": [42], "overrides": {"setting": "fewshot",
 
 @pytest.fixture(scope="module")
 def first_runs(stack):
-    """The first run of each deployment, both at once: two flow-run subprocesses of the served process (their
-    `dvc repro` calls queue on DVC's repository lock)."""
+    """The first runs of the deployments, all at once (LAMA, SuperGLUE's CB and its COPA, whose prompt no served
+    model answers for): flow-run subprocesses of the served process (their `dvc repro` calls queue on DVC's
+    repository lock)."""
     handles = {"lama": start_deployment(stack, "lama", tiny(stack, "e2e-lama", **LAMA)),
                "superglue": start_deployment(stack, "superglue", tiny(stack, "e2e-superglue", **SUPERGLUE)),
                "copa": start_deployment(stack, "superglue", tiny(stack, "e2e-copa", **{**SUPERGLUE, "tasks": ["copa"]}))}
