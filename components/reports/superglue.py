@@ -68,7 +68,9 @@ class Report:
         return report
 
     def config(self, settings: dict, method: str, seed: int, root: Path, task: str | None = None):
+        # a unit runs minutes and the table keeps its figures: no resume checkpoint, no exported prompt or LM
         overrides = {"model": self.model, "setting": self.setting, "method": method, "train.seed": seed,
+                     "checkpoint": False, "export": False,
                      "task": task or ",".join(self.tasks), **recipe(settings, self.budget, method), **dict(self.params)}
         return resolve("superglue", overrides, root)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from components.benchmarks import ChoiceOption
 from components.benchmarks.superglue import run as runner
+from components.benchmarks.superglue.kinds import ChoiceScoring
 from components.benchmarks.superglue.run import SETTINGS
 from components.benchmarks.superglue.tasks import task_spec
 from components.method.templates import piece_ids
@@ -41,16 +42,20 @@ class SuperGlue(ChoiceOption):
         return runner.run(config, output_dir, callbacks)
 
     def check_servable(self, meta: dict, prompt_dir: Path) -> None:
-        reason = task_spec(meta["task"]).kind.not_servable
-        if reason:  # a kind that answers by scoring or generating, not one label
-            raise ValueError(f"{prompt_dir}: {meta['task']} prompts are not servable: {reason}; the served model "
-                             "answers one verbalizer label per request")
-        if not meta.get("verbalizer") or not meta.get("labels"):
-            raise ValueError(f"{prompt_dir}: prompt.json has no verbalizer/labels to answer with")
+        kind = task_spec(meta["task"]).kind
+        if kind.not_servable:  # a kind that answers by generating, not with one of its labels
+            raise ValueError(f"{prompt_dir}: {meta['task']} prompts are not servable: {kind.not_servable}; the served "
+                             "model answers one of the task's labels per request")
+        answered_by = "patterns" if isinstance(kind, ChoiceScoring) else "verbalizer"  # choices scored whole, or a word at [Y]
+        if not meta.get("labels") or not meta.get(answered_by):
+            raise ValueError(f"{prompt_dir}: prompt.json has no labels and {answered_by} to answer with")
 
     def answers(self, meta: dict, prompt_dir: Path, tokenizer) -> tuple[list[str], list[int]]:
-        """The task's labels, each read at its verbalizer word's token (as evaluation does)."""
+        """The task's labels, each read at its verbalizer word's token (as evaluation does). A choice task's labels
+        name its choices, each scored whole (ChoiceScoring.choice_scores): they have no token."""
         labels = [str(label) for label in meta["labels"]]
+        if not meta.get("verbalizer"):
+            return labels, []
         return labels, [piece_ids(tokenizer, meta["verbalizer"][label])[0] for label in labels]
 
 

@@ -125,7 +125,6 @@ class ChoiceScoring(Kind):
     """Each of the `choices` fields is the answer in turn; the label is the index of the right one."""
     choices: tuple[str, ...]
     name: ClassVar[str] = "choice_scoring"
-    not_servable: ClassVar[str | None] = "it answers by scoring its choices as multi-token continuations"
 
     def items(self, examples: list["Example"], inputs: "Inputs", train: bool) -> list[dict]:
         out = []
@@ -159,9 +158,13 @@ class ChoiceScoring(Kind):
         wrong = torch.ones_like(hinge, dtype=torch.bool).scatter(0, right, False)
         return hinge[wrong].mean()
 
+    def choice_scores(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """[example, choice] the summed log-probability of each choice's tokens: what predict ranks (and a served
+        prompt answers with)."""
+        return token_log_probs(model, batch).sum(-1).view(len(self.choices), -1).T
+
     def predict(self, model: nn.Module, batch: dict, chunk: list[dict], inputs: "Inputs") -> list[str]:
-        scores = token_log_probs(model, batch).sum(-1).view(len(self.choices), -1)  # summed log-probabilities
-        return [inputs.spec.labels[i] for i in scores.argmax(0).tolist()]
+        return [inputs.spec.labels[i] for i in self.choice_scores(model, batch).argmax(-1).tolist()]
 
 
 def _words(text: str) -> list[str]:

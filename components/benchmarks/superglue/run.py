@@ -202,7 +202,7 @@ def run_task(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: list
         result = fit(model, items["train"], [head.length(i) for i in items["train"]], lambda c: head.collate(c, inputs),
                      head.loss, lambda m: _named("dev", evaluate(head, m, items["dev"], inputs, batch_size)), train,
                      select=tuple(f"dev.{name}" for name in spec.metrics), callbacks=callbacks,
-                     checkpoint_dir=output_dir / "checkpoint")
+                     checkpoint_dir=output_dir / "checkpoint" if params["checkpoint"] else None)
     # the kept state's dev figures are known from its selection; only a run without training evaluates dev here
     dev = ({k.removeprefix("dev."): v for k, v in result.best_metrics.items()} if result
            else evaluate(head, model, items["dev"], inputs, batch_size))
@@ -210,7 +210,7 @@ def run_task(task: TaskPlan, lm, params: dict, output_dir: Path, callbacks: list
 
     patterns = {key: t.text for key, t in templates.items()} or None
     prompt_dir = None
-    if prompt is not None:
+    if prompt is not None and params["export"]:
         prompt_dir = export_prompt(prompt, output_dir / "prompt", next(iter(templates.values())).text, params["model"], {
             # what serving needs to answer in the task's terms
             "benchmark": "superglue", "task": spec.name, "kind": spec.kind.name, "labels": list(spec.labels),

@@ -114,9 +114,9 @@ def _read_fields(*names: str, **transforms: Callable[[str], str]):
 
 
 def _read_copa(row: dict, where: str, spec: "TaskSpec") -> list[Example]:
-    question = _field(row, "question", where)
-    if question not in ("cause", "effect"):
-        raise DataError(f"{where}: question {question!r} is neither 'cause' nor 'effect'")
+    question = _field(row, spec.pattern_field, where)
+    if question not in spec.patterns:
+        raise DataError(f"{where}: {spec.pattern_field} {question!r} names none of the patterns {sorted(spec.patterns)}")
     fields = {"premise": remove_final_punc(str(_field(row, "premise", where))),
               "choice1": remove_final_punc(lowercase_first(str(_field(row, "choice1", where)))),
               "choice2": remove_final_punc(lowercase_first(str(_field(row, "choice2", where))))}
@@ -176,6 +176,7 @@ class TaskSpec:
     slots: tuple[str, ...]  # the fields a pattern may use
     full_train: bool = True  # the mirror holds a SuperGLUE train set (the `full` setting and a sampled dev32)
     units: OnePerRow | QuestionsOfPassage = OnePerRow()
+    pattern_field: str | None = None  # the raw field whose value names a row's pattern (COPA: question)
 
 
 YES_NO = {"False": "No", "True": "Yes"}
@@ -209,7 +210,7 @@ TASKS: dict[str, TaskSpec] = {
          "effect": "{choice1} or {choice2} ? {premise} so [P] [Y] ."}, "premise", ("acc",), "small",
         _read_copa,
         lambda ex: [(f"{ex.fields['premise']} {CONNECTIVE[ex.pattern]}", ex.fields[c]) for c in ("choice1", "choice2")],
-        _key("premise", "choice1", "choice2", "question"), ("premise", "choice1", "choice2")),
+        _key("premise", "choice1", "choice2", "question"), ("premise", "choice1", "choice2"), pattern_field="question"),
     "multirc": TaskSpec(
         "multirc", "MultiRC", GroupedClassification(), ("0", "1"), {"0": "No", "1": "Yes"},
         {"default": "{passage} . Question: {question} ? Is it {answer} ? [P] [Y] ."}, "passage", ("em", "f1a"), "large",
