@@ -213,7 +213,7 @@ def zero_shot_baseline(job: Job, parent_run_id: str) -> dict | None:
 def register(job: Job, best_final: dict) -> list[dict]:
     """Register the best seed's prompt(s) as versions of `ptuning-<benchmark>-<task>-<vocab|setting>-<model>`; the
     tracker decides `champion` (the best dev score so far) or `challenger`. A run registered before is not
-    registered again. A prompt no registered model can serve (it answers by scoring choices or generating) is
+    registered again. A prompt no registered model can serve (WSC: it answers by generating a span) is
     logged as the run's artifacts instead, and the flow goes on."""
     logger = get_run_logger()
     metrics = best_final["metrics"]
@@ -237,7 +237,7 @@ def register(job: Job, best_final: dict) -> list[dict]:
                 version = tracker.register_prompt(prompt_dir, None, own, run_id=best_final["run_id"],
                                                   selection_key=job.selection_key, report_key=job.report_key,
                                                   command=job.command)
-            except NotServable as error:  # COPA, WSC: the run stands; its prompt is kept as files, not registered
+            except NotServable as error:  # WSC: the run stands; its prompt is kept as files, not registered
                 if not tracker.client.list_artifacts(best_final["run_id"], f"prompt/{task_name}"):
                     tracker.log_prompt_files(prompt_dir, best_final["run_id"], f"prompt/{task_name}")
                 logger.warning("%s: %s not registered, no registered model can serve it (%s); its files are the "

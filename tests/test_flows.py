@@ -129,12 +129,13 @@ SUPERGLUE = {"tasks": ["cb"], "seeds": [42], "overrides": {"setting": "fewshot",
 
 @pytest.fixture(scope="module")
 def first_runs(stack):
-    """The first runs of the deployments, all at once (LAMA, SuperGLUE's CB and its COPA, whose prompt no served
-    model answers for): flow-run subprocesses of the served process (their `dvc repro` calls queue on DVC's
-    repository lock)."""
+    """The first runs of the deployments, all at once (LAMA; SuperGLUE's CB, its COPA, the flow's default task, and
+    its WSC, whose prompt no served model answers for): flow-run subprocesses of the served process (their
+    `dvc repro` calls queue on DVC's repository lock)."""
     handles = {"lama": start_deployment(stack, "lama", tiny(stack, "e2e-lama", **LAMA)),
                "superglue": start_deployment(stack, "superglue", tiny(stack, "e2e-superglue", **SUPERGLUE)),
-               "copa": start_deployment(stack, "superglue", tiny(stack, "e2e-copa", **{**SUPERGLUE, "tasks": ["copa"]}))}
+               "copa": start_deployment(stack, "superglue", tiny(stack, "e2e-copa", **{**SUPERGLUE, "tasks": ["copa"]})),
+               "wsc": start_deployment(stack, "superglue", tiny(stack, "e2e-wsc", **{**SUPERGLUE, "tasks": ["wsc"]}))}
     for handle in handles.values():  # wait for all before judging any
         handle["process"].wait(timeout=handle["timeout"] + 60)
     return {key: finish_deployment(stack, handle) for key, handle in handles.items()}
@@ -229,23 +230,53 @@ def test_superglue_deployment_end_to_end(stack, first_runs):
     assert float(said.group(4)) == pytest.approx(abs(trained - zero_shot), abs=1e-4)
 
 
+def test_the_default_task_copa_registers_a_prompt_that_answers_over_http(stack, first_runs, tmp_path):
+    """The flow's default task answers by scoring its two choices: its prompt is registered, and `mlflow models
+    serve` of the champion answers a COPA row with the label of the likelier choice, as the model loaded in
+    process does."""
+    import httpx
+    import mlflow
+
+    from services import free_port, service_env
+
+    _, name, version, _ = check_registration(stack, "e2e-copa", "superglue", "copa", "fewshot", n_trials=2)
+    row = {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
+           "choice2": "He got a hole in his sock.", "question": "cause"}
+    in_process = [dict(a) for a in mlflow.pyfunc.load_model(f"models:/{name}@champion").predict([row], params={"top_k": 2})]
+    port = free_port()
+    server = start([BIN / "mlflow", "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
+                    "-p", port, "-h", "127.0.0.1"], service_env(MLFLOW_TRACKING_URI=stack["mlflow"],
+                                                               MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"),
+                   tmp_path / "serve.log")
+    try:
+        url = f"http://127.0.0.1:{port}/invocations"
+        wait_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log", timeout=180)
+        answer = httpx.post(url, json={"inputs": [row], "params": {"top_k": 2}}, timeout=120)
+        assert answer.status_code == 200, answer.text[:2000]
+        assert answer.json()["predictions"] == in_process and in_process[0]["prediction"] in ("0", "1")
+        wrong = httpx.post(url, json={"inputs": [{**row, "question": "why"}]}, timeout=60)
+        assert wrong.status_code == 400 and "question 'why' names none of the patterns" in wrong.json()["message"]
+    finally:
+        stop(server)
+
+
 def test_a_prompt_no_model_can_serve_is_kept_as_artifacts_and_the_flow_completes(stack, first_runs):
-    """COPA answers by scoring its choices, which no registered model serves: the flow (which once failed there,
-    after all its training) completes, says why nothing was registered, and keeps the prompt on its final run."""
+    """WSC answers by generating the referent span, which no registered model serves: the flow (which once failed
+    there, after all its training) completes, says why nothing was registered, and keeps the prompt on its final run."""
     from mlflow import MlflowClient
 
     from components.mlops.champion import registered_name
 
-    logs = flow_logs(stack, first_runs["copa"])
-    said = re.search(r"copa not registered, no registered model can serve it \([^)]*copa prompts are not servable: "
-                     r"it answers by scoring its choices[^)]*\); "
-                     r"its files are the artifacts prompt/copa of run ([0-9a-f]{32})", logs)
+    logs = flow_logs(stack, first_runs["wsc"])
+    said = re.search(r"wsc not registered, no registered model can serve it \([^)]*wsc prompts are not servable: "
+                     r"it answers by generating the referent span[^)]*\); "
+                     r"its files are the artifacts prompt/wsc of run ([0-9a-f]{32})", logs)
     assert said, logs[-3000:]
     client = MlflowClient(tracking_uri=stack["mlflow"], registry_uri=stack["mlflow"])
-    assert client.search_registered_models(f"name = '{registered_name('superglue', 'copa', 'tiny-gpt2', 'fewshot')}'") == []
+    assert client.search_registered_models(f"name = '{registered_name('superglue', 'wsc', 'tiny-gpt2', 'fewshot')}'") == []
     run = client.get_run(said.group(1))
-    assert run.info.run_name.startswith("final-") and run.info.experiment_id == client.get_experiment_by_name("e2e-copa").experiment_id
-    kept = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "prompt/copa")}
+    assert run.info.run_name.startswith("final-") and run.info.experiment_id == client.get_experiment_by_name("e2e-wsc").experiment_id
+    kept = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "prompt/wsc")}
     assert {"prompt.safetensors", "encoder.safetensors", "prompt.json"} <= kept, kept
 
 

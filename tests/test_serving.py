@@ -16,7 +16,7 @@ import components.benchmarks.lama.run as lama
 from components.method.model import PromptedLM, PromptEncoder, export_prompt, load_prompt
 from components.method.templates import collate, encode, parse_template, piece_ids
 from components.method.model import export_lm
-from components.mlops.serving import NotServable, PromptPredictor, check_servable
+from components.mlops.serving import InvalidQuery, NotServable, PromptPredictor, check_servable
 from components.mlops.champion import CHAMPION
 from components.mlops.tracking import Tracker
 from components.models.catalog import load_lm
@@ -46,7 +46,39 @@ def superglue_prompt(directory: Path, seed: int = 0, **extra) -> Path:
             "labels": ["entailment", "not_entailment"], "verbalizer": {"entailment": "Yes", "not_entailment": "No"},
             "patterns": {"default": RTE}, "causal": True, "lm_trained": False, "max_length": 256, "truncate": "premise",
             **extra}
-    return export_prompt(PromptEncoder(1, 32, "mlp"), directory, RTE, "tiny-gpt2", meta)
+    return export_prompt(PromptEncoder(1, 32, "mlp"), directory, next(iter(meta["patterns"].values())), "tiny-gpt2", meta)
+
+
+COPA = {"cause": "{choice1} or {choice2} ? {premise} because [P] [Y] .", "effect": "{choice1} or {choice2} ? {premise} so [P] [Y] ."}
+# as COPA's reader leaves them (no final punctuation, choices lower-cased first), so the computation below reads them as is
+CHOICES = [{"premise": "The man broke his toe", "choice1": "he dropped a hammer on his foot",
+            "choice2": "he got a hole in his sock", "question": "cause"},
+           {"premise": "I tipped the bottle", "choice1": "the liquid in the bottle froze",
+            "choice2": "the liquid in the bottle poured out", "question": "effect"},
+           {"premise": "The girl found a bug in her cereal", "choice1": "she poured milk in the bowl",
+            "choice2": "she lost her appetite", "question": "effect"}]
+
+
+def copa_prompt(directory: Path, seed: int = 0) -> Path:
+    return superglue_prompt(directory, seed, task="copa", kind="choice_scoring", labels=["0", "1"], verbalizer=None,
+                            patterns=COPA, max_length=96)
+
+
+def choice_log_likelihoods(prompt_dir: Path, rows: list[dict]) -> torch.Tensor:
+    """[row, choice] computed here from the exported files: each choice teacher-forced at [Y] in the row's
+    pattern, its tokens' log-probabilities over the whole vocabulary summed."""
+    prompt, meta = load_prompt(prompt_dir)
+    lm = load_lm(meta["base_model"])
+    model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval()
+    scores = torch.zeros(len(rows), 2)
+    with torch.no_grad():
+        for r, row in enumerate(rows):
+            for c, choice in enumerate((row["choice1"], row["choice2"])):
+                target = piece_ids(lm.tokenizer, choice)
+                encoded = encode(parse_template(COPA[row["question"]]), lm.tokenizer, row, lm.causal, target_ids=target)
+                log_probs = model(**collate([encoded], lm.tokenizer.pad_token_id))[0].log_softmax(-1)
+                scores[r, c] = log_probs[torch.arange(len(target)), torch.tensor(target)].sum()
+    return scores
 
 
 PAIRS = [{"premise": "A dog runs in the park", "hypothesis": "An animal moves"},
@@ -239,8 +271,38 @@ def test_a_jointly_tuned_prompt_is_served_with_its_own_lm_weights(tmp_path, new_
     assert not list(stored.rglob("*.pkl")) and (stored / "prompt_model.py").is_file()
 
 
-@pytest.mark.parametrize("task, reason", [("copa", "scoring its choices as multi-token continuations"),
-                                          ("wsc", "generating the referent span"),
+def test_a_copa_prompt_answers_the_likelier_choice_scored_whole_and_is_registered(tmp_path, monkeypatch, new_mlflow_db):
+    prompt_dir = copa_prompt(tmp_path / "copa", seed=2)
+    predictor = PromptPredictor(prompt_dir)
+    assert predictor.fields == ["premise", "choice1", "choice2", "question"]
+    answers = predictor.predict(CHOICES, top_k=2)
+    expected = choice_log_likelihoods(prompt_dir, CHOICES).softmax(-1)
+    assert [a["prediction"] for a in answers] == [str(i) for i in expected.argmax(-1).tolist()]
+    assert [a["score"] for a in answers] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
+    assert all(sorted(a["top_k"]) == ["0", "1"] for a in answers)
+    # a row as the data set writes it: the reader drops the final period and lower-cases a choice's first letter
+    as_in_copa = {**CHOICES[0], "premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot."}
+    assert predictor.predict([as_in_copa], top_k=2) == answers[:1]
+    with pytest.raises(InvalidQuery, match=r"inputs\[1\]: question 'why' names none of the patterns \['cause', 'effect'\]"):
+        predictor.predict([CHOICES[0], {**CHOICES[1], "question": "why"}])
+    with pytest.raises(InvalidQuery, match=r"inputs\[0\]\.choice2 is empty"):
+        predictor.predict([{**CHOICES[0], "choice2": " "}])
+    with pytest.raises(InvalidQuery, match=r"inputs\[0\]: input is \d+ tokens longer than max_length=96"):
+        predictor.predict([{**CHOICES[0], "choice1": "he ran " * 60}])
+    # registered and loaded back as MLflow loads it, pickle refused
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    tracker = Tracker(f"sqlite:///{new_mlflow_db(tmp_path / 'mlflow.db')}", "superglue")
+    with tracker.trial_run("final", {}):
+        version = tracker.register_prompt(prompt_dir, None, {"dev.score": 0.5, "val.score": 0.5}, report_key="val.score")
+    assert version.name == "ptuning-superglue-copa-fewshot-tiny-gpt2"
+    loaded = mlflow.pyfunc.load_model(f"models:/{version.name}@{CHAMPION}")
+    assert [dict(a) for a in loaded.predict(CHOICES, params={"top_k": 2})] == answers
+    assert "request fields: premise, choice1, choice2, question" in version.description
+
+
+@pytest.mark.parametrize("task, reason", [("wsc", "generating the referent span"),
                                           ("nope", "unknown SuperGLUE task 'nope'")])
 def test_tasks_that_do_not_answer_one_label_are_refused_with_a_reason(tmp_path, task, reason):
     """Their benchmark row (its task table) decides, not what prompt.json claims."""

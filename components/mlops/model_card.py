@@ -10,6 +10,8 @@ def answers(meta: dict) -> str:
     """What the served prompt answers with (prompt.json's labels, or LAMA's vocabulary)."""
     if not meta.get("labels"):  # LAMA: no fixed labels, the benchmark vocabulary
         return f"words of the {meta.get('vocab', 'benchmark')} vocabulary, top-k with scores"
+    if not meta.get("verbalizer"):  # a choice task (COPA): each of the row's choices scored whole
+        return "labels " + ", ".join(meta["labels"]) + " (the likelier of the row's choices, in order), with scores"
     return "labels " + ", ".join(f"{label} ({meta['verbalizer'][label]!r})" for label in meta["labels"]) + ", with scores"
 
 

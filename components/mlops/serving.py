@@ -19,7 +19,10 @@ prompt must then be reachable by the model catalogue there (its cache, PTUNING_M
 What a prompt answers is its benchmark row's `answers` (the request's fields are the template's `{slots}`):
     LAMA                     a word of the benchmark vocabulary (vocab.json): top-k with their scores
     SuperGLUE classification its labels through the verbalizer (BoolQ, CB, RTE, WiC; MultiRC per answer option)
-    COPA, WSC                refused at registration (the row's check_servable): choice scoring / span generation
+    COPA                     the label of the likelier choice ("0": choice1), each scored whole as evaluation scores it
+                             (choice_serving.py); a row is COPA's: premise, choice1, choice2,
+                             question (cause | effect)
+    WSC                      refused at registration (the row's check_servable): span generation
 
 What a request may hold (anything else is a 400 naming the field and the limit; the server stays up):
     fields       exactly the template's slots, each a string (a missing, unknown or non-string field is refused)
@@ -77,10 +80,11 @@ def read_meta(prompt_dir: str | Path) -> dict:
 
 
 def input_fields(meta: dict) -> list[str]:
-    """The request's fields: the template's slots, in order."""
+    """The request's fields: the template's slots, in order (a choice task's: its row's fields)."""
+    from components.mlops.choice_serving import is_choice_prompt, request_fields
     from components.method.templates import parse_template
 
-    return list(dict.fromkeys(parse_template(meta["template"]).slots))
+    return request_fields(meta) if is_choice_prompt(meta) else list(dict.fromkeys(parse_template(meta["template"]).slots))
 
 
 def check_servable(prompt_dir: str | Path) -> dict:
@@ -167,6 +171,21 @@ class ServedPrompt:
                 fixed += 1
         return fixed
 
+    def check_fields(self, rows: list[dict], top_k, numbers: list[int] | None = None, limit: str = "") -> None:
+        """top_k from 1 to MAX_TOP_K; every field present, a string, not empty (InvalidQuery names what is not)."""
+        if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidQuery(f"params.top_k={top_k!r}: top_k must be an integer from 1 to {MAX_TOP_K} "
+                               f"(answers per row; this prompt has {len(self.answers)} candidates)")
+        missing = [f for f in self.fields if any(f not in row or row[f] is None for row in rows)]
+        if missing:
+            raise InvalidQuery(f"input lacks field(s) {missing}: the template {self.meta['template']!r} reads {self.fields}")
+        for n, row in zip(numbers or range(len(rows)), rows):
+            for name in self.fields:
+                if not isinstance(row[name], str):
+                    raise InvalidQuery(f"inputs[{n}].{name}: a string is expected, got {type(row[name]).__name__}")
+                if not row[name].strip():
+                    raise InvalidQuery(f"inputs[{n}].{name} is empty: {limit or 'a text field holds 1 token at least'}")
+
     def check(self, rows: list[dict], top_k, numbers: list[int] | None = None) -> None:
         """Refuse what the model cannot answer as asked (InvalidQuery names the field and its limit): top_k out of
         1..MAX_TOP_K, a missing or non-string field, an empty text field, a field longer than the room the template
@@ -174,24 +193,14 @@ class ServedPrompt:
         it (as in training). `numbers`: the rows' places in the request (default 0, 1, ...)."""
         from components.method.templates import piece_ids
 
-        if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= top_k <= MAX_TOP_K:
-            raise InvalidQuery(f"params.top_k={top_k!r}: top_k must be an integer from 1 to {MAX_TOP_K} "
-                               f"(answers per row; this prompt has {len(self.answers)} candidates)")
-        missing = [f for f in self.fields if any(f not in row or row[f] is None for row in rows)]
-        if missing:
-            raise InvalidQuery(f"input lacks field(s) {missing}: the template {self.meta['template']!r} reads {self.fields}")
         limit = (f"a text field holds 1 to {self.room} tokens (the model reads at most {self.max_length}, "
                  f"the template takes {self.max_length - self.room})")
+        self.check_fields(rows, top_k, numbers, limit)
         slots = [(i, part.value) for i, part in enumerate(self.template.parts) if part.kind == "slot"]
         for n, row in zip(numbers or range(len(rows)), rows):
             lengths: dict[str, list[int]] = {}
             for i, name in slots:
-                value = row[name]
-                if not isinstance(value, str):
-                    raise InvalidQuery(f"inputs[{n}].{name}: a string is expected, got {type(value).__name__}")
-                if not value.strip():
-                    raise InvalidQuery(f"inputs[{n}].{name} is empty: {limit}")
-                lengths.setdefault(name, []).append(len(piece_ids(self.tokenizer, value, i == 0)))
+                lengths.setdefault(name, []).append(len(piece_ids(self.tokenizer, row[name], i == 0)))
             for name, counts in lengths.items():
                 if sum(counts) > self.room:
                     raise InvalidQuery(f"inputs[{n}].{name} is {sum(counts)} tokens long ({len(row[name])} characters): {limit}")
@@ -219,6 +228,18 @@ class ServedPrompt:
         top_p, top_i = probs.topk(min(int(top_k), probs.shape[-1]))
         return {"prediction": self.answers[best], "score": float(probs[best]),
                 "top_k": [self.answers[int(i)] for i in top_i], "top_k_scores": [float(p) for p in top_p]}
+
+
+    def answer_all(self, model, rows: list[dict], top_k: int, pad: int, device, batch_size: int = 32) -> list[dict]:
+        """The answers to checked rows: each read at [Y] over this prompt's answers."""
+        return answer_rows(model, [self] * len(rows), [self.encode(row) for row in rows], top_k, pad, device, batch_size)
+
+
+def served_prompt(directory: Path, meta: dict, tokenizer, causal: bool, lm_config) -> ServedPrompt:
+    """A prompt as served: read at [Y] over its answers, or a choice task's (COPA), each choice scored whole."""
+    from components.mlops.choice_serving import ServedChoices, is_choice_prompt
+
+    return (ServedChoices if is_choice_prompt(meta) else ServedPrompt)(directory, meta, tokenizer, causal, lm_config)
 
 
 def answer_rows(model, served: list[ServedPrompt], encoded: list, top_k: int, pad: int, device,
@@ -258,7 +279,7 @@ class PromptPredictor:
         self.meta = check_servable(directory)
         prompt, _ = load_prompt(directory)
         lm = load_lm(str(directory / LM_DIR) if (directory / LM_DIR).is_dir() else self.meta["base_model"])
-        self.served = ServedPrompt(directory, self.meta, lm.tokenizer, lm.causal, lm.model.config)
+        self.served = served_prompt(directory, self.meta, lm.tokenizer, lm.causal, lm.model.config)
         self.fields, self.tokenizer, self.pad = self.served.fields, lm.tokenizer, pad_id(lm.tokenizer)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = PromptedLM(lm.model, prompt, lm.causal, freeze_lm=True).eval().to(self.device)
@@ -267,8 +288,7 @@ class PromptPredictor:
         """One Answer (as a dict) per row; a request outside the limits (`ServedPrompt.check`) fails with
         InvalidQuery, a ValueError naming the field and its limit."""
         self.served.check(rows, top_k)
-        encoded = [self.served.encode(row) for row in rows]
-        return answer_rows(self.model, [self.served] * len(rows), encoded, top_k, self.pad, self.device, batch_size)
+        return self.served.answer_all(self.model, rows, top_k, self.pad, self.device, batch_size)
 
 
 def answer_request(predictor, model_input: list, params: dict | None) -> list[dict]:
@@ -297,7 +317,7 @@ def log_prompt_model(prompt_dir: str | Path, *, run_id: str, registered_model_na
     prompt_dir = Path(prompt_dir)
     meta = check_servable(prompt_dir)
     fields = input_fields(meta)
-    example = ([{f: _example_value(f) for f in fields}], {"top_k": 5})
+    example = ([example_row(meta)], {"top_k": 5})
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "prompt"
         staged.mkdir()
@@ -315,9 +335,13 @@ def log_prompt_model(prompt_dir: str | Path, *, run_id: str, registered_model_na
                          metadata={"ptuning": {k: v for k, v in meta.items() if k != "encoder"}})
 
 
-def _example_value(field: str) -> str:
-    """An input example value: LAMA subjects are names; other fields a short sentence."""
-    return "Dante" if field == "sub" else "The cat sat on the mat"
+def example_row(meta: dict) -> dict:
+    """An input example: LAMA subjects are names, other fields a short sentence, a choice task's a row of its own."""
+    from components.mlops.choice_serving import EXAMPLE, is_choice_prompt
+
+    if is_choice_prompt(meta):
+        return dict(EXAMPLE)
+    return {f: "Dante" if f == "sub" else "The cat sat on the mat" for f in input_fields(meta)}
 
 
 def load(model: str):
