@@ -225,6 +225,17 @@ def test_superglue_prompt_served_over_http_refuses_text_outside_its_limits(mlflo
         stop(server)
 
 
+def registered_and_loaded(prompt_dir: Path, tmp_path: Path, monkeypatch, new_mlflow_db) -> tuple:
+    """The prompt registered (as champion) in a new SQLite store and loaded back as MLflow loads it, pickle refused."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    tracker = Tracker(f"sqlite:///{new_mlflow_db(tmp_path / 'mlflow.db')}", "superglue")
+    with tracker.trial_run("final", {}):
+        version = tracker.register_prompt(prompt_dir, None, {"dev.score": 0.5, "val.score": 0.5}, report_key="val.score")
+    return version, mlflow.pyfunc.load_model(f"models:/{version.name}@{CHAMPION}")
+
+
 def test_superglue_prompt_answers_its_labels_through_the_verbalizer(tmp_path, monkeypatch, new_mlflow_db):
     prompt_dir = superglue_prompt(tmp_path / "rte")
     answers = PromptPredictor(prompt_dir).predict(PAIRS, top_k=2)
@@ -232,15 +243,8 @@ def test_superglue_prompt_answers_its_labels_through_the_verbalizer(tmp_path, mo
     labels = ["entailment", "not_entailment"]
     assert [a["prediction"] for a in answers] == [labels[i] for i in scores.argmax(-1).tolist()]
     assert all(sorted(a["top_k"]) == labels and abs(sum(a["top_k_scores"]) - 1) < 1e-5 for a in answers)
-    # registered and loaded back as MLflow loads it, pickle refused
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    tracker = Tracker(f"sqlite:///{new_mlflow_db(tmp_path / 'mlflow.db')}", "superglue")
-    with tracker.trial_run("final", {}):
-        version = tracker.register_prompt(prompt_dir, None, {"dev.score": 0.5, "val.score": 0.5}, report_key="val.score")
+    version, loaded = registered_and_loaded(prompt_dir, tmp_path, monkeypatch, new_mlflow_db)
     assert version.name == "ptuning-superglue-rte-fewshot-tiny-gpt2"
-    loaded = mlflow.pyfunc.load_model(f"models:/{version.name}@{CHAMPION}")
     assert [dict(a) for a in loaded.predict(PAIRS, params={"top_k": 2})] == answers
     assert "labels entailment ('Yes'), not_entailment ('No')" in version.description
 
@@ -289,15 +293,8 @@ def test_a_copa_prompt_answers_the_likelier_choice_scored_whole_and_is_registere
         predictor.predict([{**CHOICES[0], "choice2": " "}])
     with pytest.raises(InvalidQuery, match=r"inputs\[0\]: input is \d+ tokens longer than max_length=96"):
         predictor.predict([{**CHOICES[0], "choice1": "he ran " * 60}])
-    # registered and loaded back as MLflow loads it, pickle refused
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    tracker = Tracker(f"sqlite:///{new_mlflow_db(tmp_path / 'mlflow.db')}", "superglue")
-    with tracker.trial_run("final", {}):
-        version = tracker.register_prompt(prompt_dir, None, {"dev.score": 0.5, "val.score": 0.5}, report_key="val.score")
+    version, loaded = registered_and_loaded(prompt_dir, tmp_path, monkeypatch, new_mlflow_db)
     assert version.name == "ptuning-superglue-copa-fewshot-tiny-gpt2"
-    loaded = mlflow.pyfunc.load_model(f"models:/{version.name}@{CHAMPION}")
     assert [dict(a) for a in loaded.predict(CHOICES, params={"top_k": 2})] == answers
     assert "request fields: premise, choice1, choice2, question" in version.description
 
