@@ -17,6 +17,7 @@ from components.method.model import PromptedLM, PromptEncoder, export_prompt, lo
 from components.method.templates import collate, encode, parse_template, piece_ids
 from components.method.model import export_lm
 from components.mlops.serving import InvalidQuery, NotServable, PromptPredictor, check_servable
+from components.mlops.bank import build_bank
 from components.mlops.champion import CHAMPION
 from components.mlops.tracking import Tracker
 from components.models.catalog import load_lm
@@ -293,10 +294,25 @@ def test_a_copa_prompt_answers_the_likelier_choice_scored_whole_and_is_registere
         predictor.predict([{**CHOICES[0], "choice2": " "}])
     with pytest.raises(InvalidQuery, match=r"inputs\[0\]: input is \d+ tokens longer than max_length=96"):
         predictor.predict([{**CHOICES[0], "choice1": "he ran " * 60}])
+    with pytest.raises(InvalidQuery, match=r"inputs\[2\]\.choice1 is '\.': a choice holds a word at least"):
+        predictor.predict([*CHOICES[:2], {**CHOICES[2], "choice1": "."}])
+    with pytest.raises(InvalidQuery, match=r"input lacks field\(s\) \['question'\]: a row holds \['premise', 'choice1', 'choice2', 'question'\]"):
+        predictor.predict([{k: v for k, v in CHOICES[0].items() if k != "question"}])
     version, loaded = registered_and_loaded(prompt_dir, tmp_path, monkeypatch, new_mlflow_db)
     assert version.name == "ptuning-superglue-copa-fewshot-tiny-gpt2"
     assert [dict(a) for a in loaded.predict(CHOICES, params={"top_k": 2})] == answers
     assert "request fields: premise, choice1, choice2, question" in version.description
+
+
+def test_a_choice_prompt_without_its_tasks_patterns_is_refused_and_joins_no_bank(tmp_path):
+    missing = superglue_prompt(tmp_path / "one", task="copa", kind="choice_scoring", labels=["0", "1"], verbalizer=None,
+                               patterns={"cause": COPA["cause"]}, max_length=96)
+    with pytest.raises(NotServable, match=r"prompt.json's patterns are \['cause'\], COPA needs \['cause', 'effect'\]"):
+        check_servable(missing)
+    with pytest.raises(NotServable, match=r"copa \(here\): a choice prompt scores each of a row's choices whole"):
+        build_bank({"copa": (copa_prompt(tmp_path / "copa"), "here"), "rte": (superglue_prompt(tmp_path / "rte"), "here")},
+                   tmp_path / "bank")
+    assert not (tmp_path / "bank").exists()
 
 
 @pytest.mark.parametrize("task, reason", [("wsc", "generating the referent span"),

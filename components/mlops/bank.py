@@ -24,6 +24,7 @@ from pathlib import Path
 from components.common import safe_name
 from components.config import in_root, project_root
 from components.method.model import LM_DIR
+from components.mlops.choice_serving import is_choice_prompt
 from components.mlops.serving import (PROMPT_FILES, InvalidQuery, NotServable, ServedPrompt, answer_rows,
                                       check_servable, input_fields, read_meta, requirements)
 
@@ -55,6 +56,9 @@ def build_bank(prompts: dict[str, tuple[Path, dict]], out: str | Path) -> Path:
             raise NotServable(f"{task} ({source}): trained together with its LM, it cannot join a bank of "
                               "frozen-LM prompts (it has its own LM)")
         meta = check_servable(directory)
+        if is_choice_prompt(meta):
+            raise NotServable(f"{task} ({source}): a choice prompt scores each of a row's choices whole; a bank reads "
+                              "one answer position per row")
         if scope is None:
             scope = scope_of(meta)
         elif scope_of(meta) != scope:

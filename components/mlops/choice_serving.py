@@ -9,18 +9,38 @@ import torch
 
 from components.benchmarks.superglue.inputs import Inputs
 from components.benchmarks.superglue.kinds import ChoiceScoring
-from components.benchmarks.superglue.tasks import task_spec
+from components.benchmarks.superglue.tasks import TaskSpec, task_spec
 from components.data.sources import DataError
 from components.method.templates import TemplateError, parse_template
 from components.mlops.serving import InvalidQuery, ServedPrompt
 
-# a request example (MLflow's input example and signature): SuperGLUE COPA's own first validation row
-EXAMPLE = {"premise": "The man turned on the faucet.", "choice1": "The toilet filled with water.",
-           "choice2": "Water flowed from the spout.", "question": "effect"}
+# a request example per choice task (MLflow's input example): the task's own first validation row
+EXAMPLES = {"copa": {"premise": "The man turned on the faucet.", "choice1": "The toilet filled with water.",
+                     "choice2": "Water flowed from the spout.", "question": "effect"}}
+
+
+def choice_task(meta: dict) -> TaskSpec | None:
+    """The task of a prompt whose task table row scores choices (COPA), else None."""
+    if meta.get("benchmark") != "superglue":
+        return None
+    spec = task_spec(meta["task"])
+    return spec if isinstance(spec.kind, ChoiceScoring) else None
 
 
 def is_choice_prompt(meta: dict) -> bool:
-    return meta.get("benchmark") == "superglue" and meta.get("kind") == ChoiceScoring.name
+    return choice_task(meta) is not None
+
+
+def check_choice_prompt(meta: dict) -> None:
+    """A choice prompt must carry one template per pattern of its task, each reading the task's fields."""
+    spec = choice_task(meta)
+    if spec is None:
+        return
+    patterns = meta.get("patterns") or {}
+    if set(patterns) != set(spec.patterns):
+        raise ValueError(f"prompt.json's patterns are {sorted(patterns)}, {spec.folder} needs {sorted(spec.patterns)}")
+    for text in patterns.values():
+        parse_template(text, fields=spec.slots)
 
 
 def request_fields(meta: dict) -> list[str]:
@@ -41,24 +61,26 @@ class ServedChoices(ServedPrompt):
         self.inputs = Inputs(self.spec, tokenizer, causal, meta.get("base_model", ""), templates, self.max_length)
 
     def check(self, rows: list[dict], top_k, numbers: list[int] | None = None) -> None:
-        """The fields and top_k as any prompt's; then each row must read as a task row and fit the model's input
-        (`items` raises what does not)."""
+        """The fields and top_k; whether a row reads as the task's and fits the model is `items`' to say."""
         self.check_fields(rows, top_k, numbers)
-        self.items(rows, numbers)
 
-    def items(self, rows: list[dict], numbers: list[int] | None = None) -> list[dict]:
+    def items(self, rows: list[dict]) -> list[dict]:
         """The model items of the rows, as evaluation builds them; a row the task cannot read is an InvalidQuery."""
         examples = []
-        for n, row in zip(numbers or range(len(rows)), rows):
+        for n, row in enumerate(rows):
             where = f"inputs[{n}]"
             try:  # the label is the reader's, not the request's: any label of the task reads the row
-                examples += self.spec.reader({**row, "label": self.spec.labels[0]}, where, self.spec)
+                [example] = self.spec.reader({**row, "label": self.spec.labels[0]}, where, self.spec)
             except DataError as error:
                 raise InvalidQuery(str(error)) from None
+            empty = [c for c in self.spec.kind.choices if not example.fields[c]]
+            if empty:  # the reader drops a choice's final punctuation: "." leaves nothing to score
+                raise InvalidQuery(f"{where}.{empty[0]} is {row[empty[0]]!r}: a choice holds a word at least")
+            examples.append(example)
         try:
             return self.spec.kind.items(examples, self.inputs, train=False)
         except TemplateError as error:
-            raise InvalidQuery(f"{error} (the model reads at most {self.max_length} tokens)") from None
+            raise InvalidQuery(str(error)) from None
 
     def answer_all(self, model, rows: list[dict], top_k: int, pad: int, device, batch_size: int = 32) -> list[dict]:
         items = self.items(rows)

@@ -1,5 +1,5 @@
 """The registered prompt as MLflow "models from code": MLflow executes this file when it logs and when it
-loads the model (no pickle). `model_config` carries the template's input fields, so the request rows'
+loads the model (no pickle). `model_config` carries the request's fields (serving.input_fields), so the request rows'
 type hint (and with it the model's signature and MLflow's input validation) names them, and refuses any other
 field; the answering, and the limits of what may be asked, are components.mlops.serving.ServedPrompt's."""
 from typing import Any

@@ -16,7 +16,8 @@ rebuild it:
 `--env-manager virtualenv|uv|conda` installs the pinned requirements from PyPI; the base LM of a frozen-LM
 prompt must then be reachable by the model catalogue there (its cache, PTUNING_MODEL_CACHE, or the mirror).
 
-What a prompt answers is its benchmark row's `answers` (the request's fields are the template's `{slots}`):
+What a prompt answers is its benchmark row's `answers` (the request's fields are the template's `{slots}`, a choice
+task's its row's fields):
     LAMA                     a word of the benchmark vocabulary (vocab.json): top-k with their scores
     SuperGLUE classification its labels through the verbalizer (BoolQ, CB, RTE, WiC; MultiRC per answer option)
     COPA                     the label of the likelier choice ("0": choice1), each scored whole as evaluation scores it
@@ -25,7 +26,7 @@ What a prompt answers is its benchmark row's `answers` (the request's fields are
     WSC                      refused at registration (the row's check_servable): span generation
 
 What a request may hold (anything else is a 400 naming the field and the limit; the server stays up):
-    fields       exactly the template's slots, each a string (a missing, unknown or non-string field is refused)
+    fields       exactly the request's fields, each a string (a missing, unknown or non-string field is refused)
     a text field 1 token at least (not empty, not only spaces) and at most the room the template leaves in the
                  model's max input length (`max_length` of prompt.json, at most the LM's positions, minus the
                  template's prompt, anchor, target and special tokens): LAMA's `[P*3] {sub} [P*3] [Y]` at
@@ -104,17 +105,23 @@ def check_servable(prompt_dir: str | Path) -> dict:
                           "(the benchmark writes it with components.method.model.export_lm after training)")
     if not input_fields(meta):
         raise NotServable(f"{where}: the template {meta['template']!r} reads no input field")
+    from components.mlops.choice_serving import check_choice_prompt
+
+    try:
+        check_choice_prompt(meta)
+    except ValueError as error:
+        raise NotServable(f"{where}: {error}") from None
     return meta
 
 
 def query_type(fields: list[str]) -> type[BaseModel]:
-    """The request row: one required string per template slot and nothing else (MLflow's signature and
-    validation; an unknown field is refused by name, not dropped)."""
+    """The request row: one required string per field and nothing else (MLflow's signature and validation; an
+    unknown field is refused by name, not dropped)."""
 
     def only_the_fields(cls, data):
         unknown = sorted(set(data) - set(fields)) if isinstance(data, dict) else []
         if unknown and set(fields) <= set(data):  # else pydantic names the missing ones ("Field required") and these
-            raise ValueError(f"unknown field(s) {unknown}: a row holds exactly the template's fields {fields}")
+            raise ValueError(f"unknown field(s) {unknown}: a row holds exactly the fields {fields}")
         return data
 
     return create_model("Query", __config__=ConfigDict(extra="forbid"),
@@ -178,7 +185,7 @@ class ServedPrompt:
                                f"(answers per row; this prompt has {len(self.answers)} candidates)")
         missing = [f for f in self.fields if any(f not in row or row[f] is None for row in rows)]
         if missing:
-            raise InvalidQuery(f"input lacks field(s) {missing}: the template {self.meta['template']!r} reads {self.fields}")
+            raise InvalidQuery(f"input lacks field(s) {missing}: a row holds {self.fields}")
         for n, row in zip(numbers or range(len(rows)), rows):
             for name in self.fields:
                 if not isinstance(row[name], str):
@@ -337,10 +344,10 @@ def log_prompt_model(prompt_dir: str | Path, *, run_id: str, registered_model_na
 
 def example_row(meta: dict) -> dict:
     """An input example: LAMA subjects are names, other fields a short sentence, a choice task's a row of its own."""
-    from components.mlops.choice_serving import EXAMPLE, is_choice_prompt
+    from components.mlops.choice_serving import EXAMPLES, is_choice_prompt
 
     if is_choice_prompt(meta):
-        return dict(EXAMPLE)
+        return dict(EXAMPLES[meta["task"]])
     return {f: "Dante" if f == "sub" else "The cat sat on the mat" for f in input_fields(meta)}
 
 
