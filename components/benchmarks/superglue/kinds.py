@@ -18,7 +18,7 @@ finetune baseline (methods.py) answers the same questions with a classification 
                             tokens of the log-softmax over the whole vocabulary (masked LM: as many [MASK]s as
                             the alternative has tokens, one pass; causal LM: the alternative teacher-forced); the
                             highest wins. Training: the paper's hinge loss max(0, 1 + CE(right) - CE(wrong)), CE
-                            the mean token NLL. `choice_scores` gives the summed scores (a served COPA prompt
+                            the mean token NLL. `choice_scores` gives the summed scores (a served choice prompt
                             answers with them: components/mlops/choice_serving.py)
     SpanGeneration          the answer is a span of the text. Training uses only the positive examples (target =
                             the span's tokens; masked LMs get 0..3 extra [MASK]s that learn to predict padding, as
