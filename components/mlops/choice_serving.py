@@ -55,8 +55,7 @@ class ServedChoices(ServedPrompt):
 
     def __init__(self, directory, meta: dict, tokenizer, causal: bool, lm_config, answers_cache: dict | None = None):
         super().__init__(directory, meta, tokenizer, causal, lm_config, answers_cache)
-        self.spec = task_spec(meta["task"])
-        self.fields = request_fields(meta)
+        self.spec = task_spec(meta["task"])  # its fields are serving.input_fields', this module's request_fields
         templates = {key: parse_template(text, fields=self.spec.slots) for key, text in meta["patterns"].items()}
         self.inputs = Inputs(self.spec, tokenizer, causal, meta.get("base_model", ""), templates, self.max_length)
 

@@ -236,7 +236,6 @@ class ServedPrompt:
         return {"prediction": self.answers[best], "score": float(probs[best]),
                 "top_k": [self.answers[int(i)] for i in top_i], "top_k_scores": [float(p) for p in top_p]}
 
-
     def answer_all(self, model, rows: list[dict], top_k: int, pad: int, device, batch_size: int = 32) -> list[dict]:
         """The answers to checked rows: each read at [Y] over this prompt's answers."""
         return answer_rows(model, [self] * len(rows), [self.encode(row) for row in rows], top_k, pad, device, batch_size)
